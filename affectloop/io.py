@@ -1,0 +1,178 @@
+"""Atomic file and partition writes.
+
+Every file under the data root appears whole or not at all: it is written aside (same
+folder, hidden temporary name), flushed to disk, then renamed into place. A Hive
+partition (``scores/run_date=…/``) is built in a staging folder under the data root and
+swapped in with one ``renameat2(RENAME_EXCHANGE)`` on Linux, so a reader sees either the
+old partition or the new one, never a mix and never a gap. Elsewhere it falls back to two
+renames (a reader may then briefly see no partition, but never half of one).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STAGING_DIRNAME = ".staging"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if mode is None else mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, mode: int | None = None) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", mode=mode)
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write one Parquet file atomically (zstd unless told otherwise)."""
+    kwargs.setdefault("compression", "zstd")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **kwargs)
+    return path
+
+
+def staging_dir(data_root: str | os.PathLike) -> Path:
+    """A fresh folder on the data root's filesystem, for building a partition before the swap."""
+    root = Path(data_root) / STAGING_DIRNAME
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / uuid.uuid4().hex
+    path.mkdir()
+    return path
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2). Returns False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: filesystem or kernel lacks it
+        return False
+    raise OSError(errno, os.strerror(errno), f"{a} <-> {b}")
+
+
+def publish_dir(staged: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a fully written staging folder to ``final``, replacing any previous one atomically."""
+    staged, final = Path(staged), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for child in staged.rglob("*"):
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+    if not final.exists():
+        os.rename(staged, final)
+    elif _rename_exchange(staged, final):
+        shutil.rmtree(staged)  # now holds the old partition
+    else:
+        old = staged.with_name(staged.name + ".old")
+        os.rename(final, old)
+        os.rename(staged, final)
+        shutil.rmtree(old)
+    _fsync_dir(final.parent)
+    return final
+
+
+def write_partition(tables: list[pa.Table] | pa.Table, data_root: str | os.PathLike, final_dir: str | os.PathLike,
+                    row_group_size: int = 64_000, **kwargs: Any) -> Path:
+    """Write ``part-00000.parquet`` (one file, reader-sized row groups) into ``final_dir`` atomically."""
+    if isinstance(tables, pa.Table):
+        tables = [tables]
+    staged = staging_dir(data_root)
+    try:
+        kwargs.setdefault("compression", "zstd")
+        schema = tables[0].schema
+        with pq.ParquetWriter(staged / "part-00000.parquet", schema, **kwargs) as writer:
+            for table in tables:
+                writer.write_table(table.cast(schema), row_group_size=row_group_size)
+        return publish_dir(staged, final_dir)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def clean_staging(data_root: str | os.PathLike) -> int:
+    """Remove staging leftovers of crashed runs. Returns how many were removed."""
+    root = Path(data_root) / STAGING_DIRNAME
+    if not root.exists():
+        return 0
+    removed = 0
+    for child in root.iterdir():
+        shutil.rmtree(child, ignore_errors=True)
+        removed += 1
+    return removed

@@ -1,0 +1,104 @@
+"""One typed settings object for the whole project.
+
+Every field can be set from the environment with the ``AFFECTLOOP_`` prefix, e.g.
+``AFFECTLOOP_DATA_ROOT=/srv/affect``, ``AFFECTLOOP_DASK_ADDRESS=tcp://10.0.0.5:8786``.
+Nested limits use a double underscore: ``AFFECTLOOP_LIMITS__MAX_CLIP_SECONDS=30``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_LABELS: tuple[str, ...] = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
+
+
+class Limits(BaseModel):
+    """Input limits; a record past any of them is rejected with a reason, never crashes a run."""
+
+    max_file_bytes: int = Field(50 * 1024 * 1024, gt=0, description="largest media file accepted")
+    max_image_pixels: int = Field(16_000_000, gt=0, description="width x height; guards decompression bombs")
+    min_image_side: int = Field(8, gt=0, description="smaller images carry no usable face")
+    max_clip_seconds: float = Field(60.0, gt=0, description="longest audio clip accepted")
+    min_clip_seconds: float = Field(0.1, gt=0, description="shorter clips carry no usable speech")
+    max_text_chars: int = Field(5_000, gt=0, description="longest text accepted")
+    max_audio_channels: int = Field(8, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AFFECTLOOP_", env_nested_delimiter="__", extra="ignore")
+
+    data_root: Path = Field(Path("data"), description="root of features/, scores/, rejects/, labels/, models/, state/, reports/")
+    source: str = Field("data/demo-source", description="raw source folder holding a manifest and media")
+    partition_size: int = Field(1000, gt=0, description="records per partition (one Prefect task each)")
+    labels: tuple[str, ...] = DEFAULT_LABELS
+    limits: Limits = Limits()
+
+    dask_address: str | None = Field(None, description="existing Dask scheduler; None starts a loopback LocalCluster")
+    dask_workers: int | None = Field(None, description="LocalCluster workers; None means one per core")
+
+    label_studio_url: str | None = Field(None, description="your own Label Studio; None uses the local one make installs")
+    label_studio_token: SecretStr | None = Field(None, description="API token for label_studio_url")
+    label_studio_port: int = Field(8089, description="port of the local Label Studio")
+
+    annotation_budget: int = Field(100, ge=0, description="records sent to Label Studio per nightly build")
+    promotion_margin: float = Field(0.0, ge=0.0, description="promote when holdout macro-F1 >= production - margin")
+    seed: int = 13
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value):
+        # Accept "anger,joy,..." from the environment as well as a list.
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) < 2:
+            raise ValueError("the label set needs at least two labels")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate labels in {value}")
+        return tuple(value)
+
+    # Folders under the data root, one per contract in DESIGN.md.
+    @property
+    def features_dir(self) -> Path:
+        return self.data_root / "features"
+
+    @property
+    def scores_dir(self) -> Path:
+        return self.data_root / "scores"
+
+    @property
+    def rejects_dir(self) -> Path:
+        return self.data_root / "rejects"
+
+    @property
+    def labels_dir(self) -> Path:
+        return self.data_root / "labels"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_root / "models"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_root / "state"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_root / "reports"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Per-run scratch (validated records, per-task rejects) handed between tasks as Parquet."""
+        return self.data_root / "runs"
+
+
+def get_settings(**overrides) -> Settings:
+    """Settings from the environment, with explicit overrides (flow parameters) on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
