@@ -18,7 +18,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -148,18 +148,34 @@ def publish_dir(staged: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
-def write_partition(tables: list[pa.Table] | pa.Table, data_root: str | os.PathLike, final_dir: str | os.PathLike,
+def write_partition(tables: Iterable[pa.Table] | pa.Table, data_root: str | os.PathLike,
+                    final_dir: str | os.PathLike, schema: pa.Schema | None = None,
                     row_group_size: int = 64_000, **kwargs: Any) -> Path:
-    """Write ``part-00000.parquet`` (one file, reader-sized row groups) into ``final_dir`` atomically."""
+    """Write ``part-00000.parquet`` into ``final_dir``, replacing the partition atomically.
+
+    ``tables`` may be a generator, so a partition larger than memory streams through.
+    Row groups default to 64k rows: large enough for fast scans in DuckDB/Spark, small
+    enough for readers to skip by statistics. zstd compression unless told otherwise.
+    """
     if isinstance(tables, pa.Table):
         tables = [tables]
     staged = staging_dir(data_root)
     try:
         kwargs.setdefault("compression", "zstd")
-        schema = tables[0].schema
-        with pq.ParquetWriter(staged / "part-00000.parquet", schema, **kwargs) as writer:
+        writer = None
+        try:
             for table in tables:
-                writer.write_table(table.cast(schema), row_group_size=row_group_size)
+                if writer is None:
+                    schema = schema or table.schema
+                    writer = pq.ParquetWriter(staged / "part-00000.parquet", schema, **kwargs)
+                writer.write_table(table.select(schema.names).cast(schema), row_group_size=row_group_size)
+            if writer is None:  # no rows at all: still publish an empty, typed partition
+                if schema is None:
+                    raise ValueError("write_partition needs a schema when there are no tables")
+                writer = pq.ParquetWriter(staged / "part-00000.parquet", schema, **kwargs)
+        finally:
+            if writer is not None:
+                writer.close()
         return publish_dir(staged, final_dir)
     finally:
         if staged.exists():

@@ -1,0 +1,114 @@
+"""Scoring: one features partition in, one scores partition out (plus a scratch file of
+fused embeddings that the selection stage uses for diversity).
+
+The production model is loaded once per worker process and cached by version, so a
+Dask worker scoring many partitions pays the load (and TensorFlow's start-up) once.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from affectloop.io import write_parquet
+from affectloop.schemas import scores_schema
+
+# Scratch columns written beside the scores for the selection stage only (never in scores/).
+EMBEDDING_COLUMN = "embedding"
+
+_MODEL_CACHE: dict[tuple[str, str], object] = {}
+_MODEL_LOCK = threading.Lock()
+
+
+def load_model_cached(models_dir: str | Path, version: str):
+    """The registry's model for ``version``, loaded once per process."""
+    from model.registry import ModelRegistry
+
+    key = (str(Path(models_dir).resolve()), version)
+    with _MODEL_LOCK:
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE[key] = ModelRegistry(Path(models_dir)).load(version)
+        return _MODEL_CACHE[key]
+
+
+def uncertainty_columns(proba: np.ndarray) -> dict[str, np.ndarray]:
+    """confidence (top probability), entropy (nats) and margin (top-1 minus top-2)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    top2 = np.sort(proba, axis=1)[:, -2:]
+    entropy = -np.sum(np.where(proba > 0, proba * np.log(np.clip(proba, 1e-12, 1.0)), 0.0), axis=1)
+    return {
+        "confidence": top2[:, 1].astype(np.float32),
+        "margin": (top2[:, 1] - top2[:, 0]).astype(np.float32),
+        "entropy": entropy.astype(np.float32),
+    }
+
+
+def scores_table(record_ids: Sequence[str], proba: np.ndarray, presence: dict[str, np.ndarray],
+                 labels: Sequence[str], model_version: str, run_id: str, scored_at: datetime) -> pa.Table:
+    """Rows of the ``scores/`` contract for one batch (``selected_for_annotation`` False here;
+    the selection stage sets it)."""
+    n = len(record_ids)
+    proba = np.asarray(proba, dtype=np.float32)
+    unc = uncertainty_columns(proba)
+    columns: dict[str, object] = {
+        "record_id": pa.array(record_ids, pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "model_version": pa.array([model_version] * n, pa.string()),
+        "predicted_label": pa.array(np.asarray(labels, dtype=object)[proba.argmax(axis=1)] if n else [], pa.string()),
+        "confidence": unc["confidence"],
+    }
+    for j, label in enumerate(labels):
+        columns[f"p_{label}"] = proba[:, j]
+    columns["entropy"] = unc["entropy"]
+    columns["margin"] = unc["margin"]
+    for modality in ("image", "text", "audio"):
+        columns[f"has_{modality}"] = pa.array(np.asarray(presence[modality], dtype=bool))
+    columns["selected_for_annotation"] = pa.array(np.zeros(n, dtype=bool))
+    columns["scored_at"] = pa.array([scored_at] * n, pa.timestamp("us", tz="UTC"))
+    return pa.table(columns).cast(scores_schema(labels))
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    scores_path: Path
+    n_scored: int
+    seconds: float
+
+
+def score_partition(features_path: str | Path, models_dir: str | Path, model_version: str, run_id: str,
+                    out_path: str | Path, labels: Sequence[str],
+                    with_embeddings: bool = True, scored_at: datetime | None = None) -> ScoreResult:
+    """Score one features partition with one model version; write scores (+ embeddings) to ``out_path``."""
+    import time
+
+    from model.inputs import arrays_from_features
+
+    start = time.perf_counter()
+    model = load_model_cached(models_dir, model_version)
+    if list(model.classes_) != list(labels):
+        raise ValueError(f"model {model_version} predicts {list(model.classes_)}, the label set is {list(labels)}")
+    table = pq.read_table(features_path)
+    X = arrays_from_features(table)
+    proba = model.predict_proba(X) if table.num_rows else np.zeros((0, len(labels)))
+    presence = {m: table.column(f"has_{m}").to_numpy(zero_copy_only=False) for m in ("image", "text", "audio")}
+    out = scores_table(table.column("record_id").to_pylist(), proba, presence, labels, model_version, run_id,
+                       scored_at or datetime.now(timezone.utc))
+    if with_embeddings:
+        emb = model.embed(X) if table.num_rows else np.zeros((0, 1), np.float32)
+        dim = int(emb.shape[1]) if emb.ndim == 2 else 1
+        flat = pa.array(np.asarray(emb, np.float32).reshape(-1), pa.float32())
+        out = out.append_column(EMBEDDING_COLUMN, pa.FixedSizeListArray.from_arrays(flat, dim))
+    write_parquet(out, out_path)
+    return ScoreResult(Path(out_path), out.num_rows, time.perf_counter() - start)
+
+
+# Retries cover transient I/O (a shared filesystem hiccup); a model error fails fast on the second try.
+score_partition_task = task(score_partition, name="score-partition", retries=1, retry_delay_seconds=2)
