@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     label_studio_port: int = Field(8089, description="port of the local Label Studio")
 
     annotation_budget: int = Field(100, ge=0, description="records sent to Label Studio per nightly build")
+    selection_strategy: str = Field("diverse_entropy", description="model.selection strategy for the nightly build")
     promotion_margin: float = Field(0.0, ge=0.0, description="promote when holdout macro-F1 >= production - margin")
     seed: int = 13
 

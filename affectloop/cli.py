@@ -1,0 +1,250 @@
+"""``affectloop``: the command line for people who don't live in Prefect's UI.
+
+Every command prints a summary table at the end and exits with a code that means something:
+
+    0  done
+    1  the run failed (see the message)
+    2  bad usage (unknown option, bad value)
+    3  the source is unusable (no manifest, empty, wrong format, missing record_id column)
+    4  Label Studio refused the credentials or cannot be started
+    5  the model registry is broken (corrupt model file, missing version)
+"""
+
+from __future__ import annotations
+
+import affectloop.quiet  # noqa: F401  (first: quiet TensorFlow/Prefect/Dask before they load)
+
+import json
+import sys
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from affectloop.settings import Settings, get_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SOURCE, EXIT_LABEL_STUDIO, EXIT_MODEL = 0, 1, 2, 3, 4, 5
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+labelstudio_app = typer.Typer(help="Run the local Label Studio (installed by make into .venv-labelstudio).",
+                              no_args_is_help=True)
+app.add_typer(labelstudio_app, name="labelstudio")
+console = Console()
+err = Console(stderr=True)
+
+DataRoot = typer.Option(None, "--data-root", help="data root (default ./data, or AFFECTLOOP_DATA_ROOT)")
+Source = typer.Option(None, "--source", help="raw source folder with a manifest (or AFFECTLOOP_SOURCE)")
+
+
+def _settings(**overrides) -> Settings:
+    return get_settings(**overrides)
+
+
+@contextmanager
+def _exit_codes() -> Iterator[None]:
+    """Map the errors a user can act on to exit codes and one clear line each."""
+    from tasks.ingest import ManifestError
+
+    try:
+        yield
+    except ManifestError as exc:
+        err.print(f"[red]source unusable:[/] {exc}")
+        raise typer.Exit(EXIT_SOURCE)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001  (classified below, everything else is exit 1)
+        from model.registry import ModelLoadError
+        from tasks.labelstudio.server import LabelStudioError
+
+        if isinstance(exc, LabelStudioError):
+            err.print(f"[red]Label Studio:[/] {exc}")
+            raise typer.Exit(EXIT_LABEL_STUDIO)
+        if isinstance(exc, ModelLoadError):
+            err.print(f"[red]model registry:[/] {exc}")
+            raise typer.Exit(EXIT_MODEL)
+        err.print(f"[red]failed:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(EXIT_FAILED)
+
+
+@contextmanager
+def _prefect(settings: Settings) -> Iterator[None]:
+    """A real Prefect API for the run: the configured one, or a local server for its duration."""
+    from affectloop.services import prefect_api
+
+    with console.status("starting a local Prefect API…", spinner="dots"):
+        cm = prefect_api(settings.state_dir / "prefect")
+        cm.__enter__()
+    try:
+        yield
+    finally:
+        cm.__exit__(*sys.exc_info())
+
+
+def _with_runner(flow_obj, settings: Settings):  # noqa: ANN001, ANN202 (Prefect Flow in and out)
+    from flows.runner import make_task_runner
+
+    return flow_obj.with_options(task_runner=make_task_runner(settings))
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("data/demo-source"), "--out", help="folder to (re)create"),
+         n: int = typer.Option(2000, "-n", help="records"), seed: int = typer.Option(0, help="random seed"),
+         gold_fraction: float = typer.Option(0.10, help="share of records carrying a gold label")) -> None:
+    """Generate a demo source: drawn faces, synthetic speech, template texts, a few broken records."""
+    from affectloop.demo import generate_demo
+
+    with _exit_codes(), console.status(f"generating {n} demo records…"):
+        summary = generate_demo(out, n=n, seed=seed, gold_fraction=gold_fraction)
+    table = Table(title=f"demo source → {out}", title_justify="left")
+    for column in ("records", "image", "text", "audio", "gold", "broken on purpose"):
+        table.add_column(column, justify="right")
+    table.add_row(str(summary.n_records), str(summary.n_image), str(summary.n_text), str(summary.n_audio),
+                  str(summary.n_gold), str(len(summary.defects)))
+    console.print(table)
+
+
+@app.command()
+def build(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot,
+          run_date: Optional[str] = typer.Option(None, help="YYYY-MM-DD partition to (re)write; default today (UTC)"),
+          budget: Optional[int] = typer.Option(None, help="records to send to annotators"),
+          strategy: Optional[str] = typer.Option(None, help="selection strategy (model.selection.STRATEGIES)"),
+          push: bool = typer.Option(True, help="push the selection to Label Studio"),
+          dask_address: Optional[str] = typer.Option(None, help="existing Dask scheduler, e.g. tcp://host:8786")
+          ) -> None:
+    """Nightly build: ingest, features (Dask), score, select, write scores/ and rejects/, push."""
+    settings = _settings(source=source, data_root=data_root, annotation_budget=budget,
+                         selection_strategy=strategy, dask_address=dask_address)
+    with _exit_codes(), _prefect(settings):
+        from flows.nightly_build import nightly_build
+
+        _with_runner(nightly_build, settings)(
+            source=settings.source, data_root=str(settings.data_root),
+            run_date=date.fromisoformat(run_date) if run_date else None,
+            annotation_budget=settings.annotation_budget, selection_strategy=settings.selection_strategy,
+            push_to_label_studio=push)
+
+
+@app.command()
+def sync(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot) -> None:
+    """Pull finished annotations from Label Studio into labels/ (consensus + agreement)."""
+    settings = _settings(source=source, data_root=data_root)
+    with _exit_codes(), _prefect(settings):
+        from flows.sync import annotation_sync
+
+        annotation_sync(source=settings.source, data_root=str(settings.data_root))
+
+
+@app.command()
+def retrain(data_root: Optional[Path] = DataRoot,
+            min_new_labels: int = typer.Option(0, help="skip unless this many labels arrived since the last retrain"),
+            epochs: int = typer.Option(30), fusion: str = typer.Option("gated", help="concat | weighted | gated"),
+            margin: Optional[float] = typer.Option(None, help="promotion margin on holdout macro-F1")) -> None:
+    """Retrain on gold + annotated labels; promote only if not worse on the frozen holdout."""
+    settings = _settings(data_root=data_root)
+    with _exit_codes(), _prefect(settings):
+        from flows.retrain import retrain_flow
+
+        retrain_flow(data_root=str(settings.data_root), fusion=fusion, epochs=epochs,
+                     min_new_labels=min_new_labels, promotion_margin=margin)
+
+
+@app.command()
+def loop(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot,
+         demo_mode: bool = typer.Option(False, "--demo", help="generate demo data if missing and simulate annotators"),
+         n: int = typer.Option(2000, "-n", help="demo records (with --demo)"),
+         rounds: int = typer.Option(2, help="annotate → sync → retrain → rescore rounds"),
+         annotators: int = typer.Option(1, help="simulated annotators per task (with --demo)"),
+         error_rate: float = typer.Option(0.1, help="simulated annotators' error rate"),
+         budget: Optional[int] = typer.Option(None, help="records sent to annotators per build"),
+         epochs: int = typer.Option(30)) -> None:
+    """The whole loop once: build, push, annotate (demo), sync, retrain, rescore."""
+    settings = _settings(source=source, data_root=data_root, annotation_budget=budget)
+    with _exit_codes():
+        if demo_mode and not (Path(settings.source) / "manifest.jsonl").exists():
+            from affectloop.demo import generate_demo
+
+            with console.status(f"generating {n} demo records in {settings.source}…"):
+                generate_demo(settings.source, n=n, seed=settings.seed)
+        with _prefect(settings):
+            from flows.loop import loop as loop_flow
+
+            _with_runner(loop_flow, settings)(
+                source=settings.source, data_root=str(settings.data_root), rounds=rounds, demo=demo_mode,
+                annotators=annotators, error_rate=error_rate, epochs=epochs,
+                annotation_budget=settings.annotation_budget)
+        _print_labelstudio_hint(settings)
+
+
+def _print_labelstudio_hint(settings: Settings) -> None:
+    from tasks.labelstudio.server import LocalLabelStudio
+
+    if settings.label_studio_url is None:
+        server = LocalLabelStudio(settings.data_root, settings.label_studio_port)
+        if server.status().get("running"):
+            console.print(f"Label Studio is still running at {server.url} for you to annotate "
+                          f"(login in {settings.state_dir / 'labelstudio' / 'credentials.json'}); "
+                          "stop it with [b]affectloop labelstudio stop[/b].")
+
+
+@labelstudio_app.command("start")
+def labelstudio_start(data_root: Optional[Path] = DataRoot, source: Optional[str] = Source) -> None:
+    """Start (or reuse) the local Label Studio on 127.0.0.1 and print where it is."""
+    from tasks.labelstudio.server import LocalLabelStudio
+
+    settings = _settings(data_root=data_root, source=source)
+    with _exit_codes():
+        server = LocalLabelStudio(settings.data_root, settings.label_studio_port,
+                                  document_root=Path(settings.source).resolve().parent)
+        with console.status("starting Label Studio (first start runs migrations, ~30 s)…"):
+            creds = server.start()
+        console.print(f"Label Studio at {creds.url}; admin login in {settings.state_dir / 'labelstudio' / 'credentials.json'}")
+
+
+@labelstudio_app.command("stop")
+def labelstudio_stop(data_root: Optional[Path] = DataRoot) -> None:
+    """Stop the local Label Studio this project started."""
+    from tasks.labelstudio.server import LocalLabelStudio
+
+    settings = _settings(data_root=data_root)
+    with _exit_codes():
+        stopped = LocalLabelStudio(settings.data_root, settings.label_studio_port).stop()
+    console.print("stopped" if stopped else "not running")
+
+
+@labelstudio_app.command("status")
+def labelstudio_status(data_root: Optional[Path] = DataRoot) -> None:
+    """Is the local Label Studio running, where, with which process id."""
+    from tasks.labelstudio.server import LocalLabelStudio
+
+    settings = _settings(data_root=data_root)
+    with _exit_codes():
+        status = LocalLabelStudio(settings.data_root, settings.label_studio_port).status()
+    console.print_json(json.dumps(status, default=str))
+
+
+@app.command()
+def status(data_root: Optional[Path] = DataRoot) -> None:
+    """Production model, last runs, labels and pending annotations."""
+    settings = _settings(data_root=data_root)
+    with _exit_codes():
+        from affectloop.status import collect_status
+
+        info = collect_status(settings)
+    table = Table(title=f"affectloop status — {settings.data_root}", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
