@@ -94,6 +94,19 @@ def prefect_api(home: str | Path) -> Iterator[str]:
         os.environ["PREFECT_API_URL"] = url
         try:
             with temporary_settings(updates={PREFECT_API_URL: url}):
-                yield url
+                try:
+                    yield url
+                finally:
+                    _flush_prefect_logs()
         finally:
             os.environ.pop("PREFECT_API_URL", None)
+
+
+def _flush_prefect_logs() -> None:
+    """Send buffered run logs to the API before the server it started goes away."""
+    try:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()
+    except Exception:  # logs are best effort; the run's outputs are already written
+        pass

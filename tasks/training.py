@@ -35,17 +35,18 @@ def in_holdout(record_ids: Sequence[str], fraction: float = 0.2, salt: str = HOL
 def labeled_features(labels_dir: str | Path, features_dir: str | Path, prep_version: str | None = None) -> pa.Table:
     """Cached feature rows of every labeled record (one per record), with its ``label`` column."""
     labels = load_labels(labels_dir)
-    features_dir = Path(features_dir)
-    if labels.num_rows == 0 or not features_dir.exists() or not any(features_dir.rglob("*.parquet")):
+    # Feature files only (the cache folder also holds its rejects and pointers), newest first:
+    # a record whose media changed sits in an old file too, and the newest features win.
+    files = sorted(Path(features_dir).glob("**/part-*.parquet"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if labels.num_rows == 0 or not files:
         return pa.table({"record_id": pa.array([], pa.string())})
-    dataset = ds.dataset(features_dir, format="parquet", exclude_invalid_files=True)
     expr = pc.field("record_id").isin(labels.column("record_id"))
     if prep_version is not None:
         expr = expr & (pc.field("prep_version") == prep_version)
-    table = dataset.to_table(filter=expr)
+    table = ds.dataset([str(p) for p in files], format="parquet").to_table(filter=expr)
     if table.num_rows == 0:
         return table
-    # The same record can sit in several feature files (several runs): keep one row per id.
+    # Fragments are read in the order given, so the first row of each id is the newest.
     _, first = np.unique(np.asarray(table.column("record_id").to_pylist(), dtype=object), return_index=True)
     table = table.take(pa.array(np.sort(first)))
     label_of = dict(zip(labels.column("record_id").to_pylist(), labels.column("label").cast(pa.string()).to_pylist()))
