@@ -8,9 +8,10 @@ Nested limits use a double underscore: ``AFFECTLOOP_LIMITS__MAX_CLIP_SECONDS=30`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_LABELS: tuple[str, ...] = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 
@@ -33,7 +34,8 @@ class Settings(BaseSettings):
     data_root: Path = Field(Path("data"), description="root of features/, scores/, rejects/, labels/, models/, state/, reports/")
     source: str = Field("data/demo-source", description="raw source folder holding a manifest and media")
     partition_size: int = Field(1000, gt=0, description="records per partition (one Prefect task each)")
-    labels: tuple[str, ...] = DEFAULT_LABELS
+    # NoDecode: "anger,joy,..." from the environment reaches the validator instead of a JSON parser.
+    labels: Annotated[tuple[str, ...], NoDecode] = DEFAULT_LABELS
     limits: Limits = Limits()
 
     dask_address: str | None = Field(None, description="existing Dask scheduler; None starts a loopback LocalCluster")
@@ -42,6 +44,8 @@ class Settings(BaseSettings):
     label_studio_url: str | None = Field(None, description="your own Label Studio; None uses the local one make installs")
     label_studio_token: SecretStr | None = Field(None, description="API token for label_studio_url")
     label_studio_port: int = Field(8089, description="port of the local Label Studio")
+    label_studio_document_root: Path | None = Field(
+        None, description="your server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; the local one serves the source's parent")
 
     annotation_budget: int = Field(100, ge=0, description="records sent to Label Studio per nightly build")
     selection_strategy: str = Field("diverse_entropy", description="model.selection strategy for the nightly build")

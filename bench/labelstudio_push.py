@@ -1,0 +1,102 @@
+"""Seconds to push 1,000 tasks with predictions to a fresh Label Studio project.
+
+    python bench/labelstudio_push.py [--n 1000] [--batch-size 500] [--data-root DIR] [--port P]
+
+Starts a local Label Studio in a temporary data root (or reuses the one of ``--data-root``),
+creates a fresh project (a label set of its own), pushes ``n`` tasks with a prediction each
+through ``push_selection`` (server check, bulk import, ledger writes) and times it; then
+times a second push of the same selection (everything skipped: the idempotency check).
+The last line of output is one JSON object: ``{"push_1000_s": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks.labelstudio.client import LabelStudioClient  # noqa: E402
+from tasks.labelstudio.project import ensure_project  # noqa: E402
+from tasks.labelstudio.push import push_selection  # noqa: E402
+from tasks.labelstudio.server import LocalLabelStudio, free_port  # noqa: E402
+
+BASE_LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
+
+
+def selection(n: int, labels: tuple[str, ...], seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(len(labels)), size=n)
+    return pa.table({
+        "record_id": [f"bench-{i:06d}" for i in range(n)],
+        "text": [f"benchmark utterance number {i}, said with some feeling" for i in range(n)],
+        "image": [f"images/{i:06d}.png" for i in range(n)],
+        "audio": [f"audio/{i:06d}.wav" if i % 3 else None for i in range(n)],
+        "predicted_label": [labels[j] for j in probs.argmax(axis=1)],
+        "confidence": probs.max(axis=1),
+        "model_version": ["bench-model"] * n,
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--data-root", type=Path, default=None, help="reuse this data root's local server")
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    temporary = args.data_root is None
+    root = Path(tempfile.mkdtemp(prefix="affectloop-lsbench-")) if temporary else args.data_root
+    source = root / "bench-source"
+    source.mkdir(parents=True, exist_ok=True)  # files need not exist to be referenced by a task
+    server = LocalLabelStudio(root, port=args.port or free_port(), document_root=root)
+    try:
+        t0 = time.perf_counter()
+        client = LabelStudioClient(server.start())
+        start_s = time.perf_counter() - t0
+        labels = (f"anger-{uuid.uuid4().hex[:6]}",) + BASE_LABELS[1:]  # a fresh project every run
+        project = ensure_project(client, labels, source, root)
+        table = selection(args.n, labels)
+        state_dir = root / "state" / f"lsbench-{project.project_id}"
+
+        t0 = time.perf_counter()
+        first = push_selection(client, project, table, state_dir, batch_size=args.batch_size)
+        push_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        second = push_selection(client, project, table, state_dir, batch_size=args.batch_size)
+        rerun_s = time.perf_counter() - t0
+        n_on_server = sum(1 for _ in client.iter_tasks(project.project_id))
+        client.delete_project(project.project_id)
+    finally:
+        if temporary:
+            server.stop()
+            shutil.rmtree(root, ignore_errors=True)
+
+    assert first.n_pushed == args.n and second.n_pushed == 0 and n_on_server == args.n, (first, second, n_on_server)
+    rows = [
+        ("server start (fresh database)" if temporary else "server start (reused)", f"{start_s:8.2f} s"),
+        (f"push {args.n} tasks + predictions (batches of {args.batch_size})", f"{push_s:8.2f} s"),
+        ("  tasks per second", f"{args.n / push_s:8.0f}"),
+        (f"rerun push (all {second.n_skipped_already} skipped)", f"{rerun_s:8.2f} s"),
+        ("tasks on the server", f"{n_on_server:8d}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(json.dumps({f"push_{args.n}_s": round(push_s, 3), "rerun_noop_s": round(rerun_s, 3),
+                      "tasks_per_s": round(args.n / push_s, 1), "batch_size": args.batch_size}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

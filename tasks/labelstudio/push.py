@@ -1,0 +1,272 @@
+"""Push selected records to Label Studio as tasks with the model's guess, exactly once.
+
+Exactly once rests on two things:
+1. a ledger, ``state/labelstudio/ledger.parquet`` (record_id -> task_id per project),
+   rewritten atomically after every imported batch;
+2. a check against the server before sending: every record_id already in the project is
+   adopted into the ledger instead of being sent again. That closes the gap of a crash (or
+   a timeout) between an import and its ledger write.
+
+When Label Studio is down (after the client's retries) the records not yet sent stay in
+``state/labelstudio/pending.parquet``; the next push sends them first. A push never raises
+for an unreachable server: the nightly build still writes its scores.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from affectloop.io import write_parquet
+from affectloop.schemas import UTC_TS
+from tasks.labelstudio.client import LabelStudioClient, LabelStudioUnavailable, batched
+from tasks.labelstudio.project import FROM_NAME, NO_IMAGE_PLACEHOLDER, TO_NAME, LabelStudioProject
+from tasks.labelstudio.retry import retry_on_io
+from tasks.labelstudio.server import LabelStudioAuthError, LabelStudioError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 500  # tasks per import request: 1000 with predictions take under a second
+
+LEDGER_SCHEMA = pa.schema([
+    pa.field("record_id", pa.string(), nullable=False),
+    pa.field("project_id", pa.int64(), nullable=False),
+    pa.field("task_id", pa.int64(), nullable=False),
+    pa.field("pushed_at", UTC_TS, nullable=False),
+    pa.field("how", pa.string(), nullable=False),  # "import" | "adopted" (found on the server, not in the ledger)
+])
+
+# What push needs of a selected record; predictions are optional (cold start has none).
+SELECTION_SCHEMA = pa.schema([
+    pa.field("record_id", pa.string(), nullable=False),
+    pa.field("text", pa.string()),
+    pa.field("image", pa.string()),
+    pa.field("audio", pa.string()),
+    pa.field("predicted_label", pa.string()),
+    pa.field("confidence", pa.float64()),
+    pa.field("model_version", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class PushResult:
+    project_id: int
+    n_selected: int  # new selection plus what was pending from earlier runs (distinct records)
+    n_pushed: int  # tasks created by this call
+    n_skipped_already: int  # already in Label Studio (ledger or server), not sent again
+    n_adopted: int  # found on the server but missing from the ledger (an earlier crash), now recorded
+    n_pending: int  # left for the next run because Label Studio was unavailable
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ledger_path(state_dir: str | os.PathLike) -> Path:
+    return Path(state_dir) / "ledger.parquet"
+
+
+def pending_path(state_dir: str | os.PathLike) -> Path:
+    return Path(state_dir) / "pending.parquet"
+
+
+def read_ledger(state_dir: str | os.PathLike) -> pa.Table:
+    path = ledger_path(state_dir)
+    return pq.read_table(path, schema=LEDGER_SCHEMA) if path.exists() else LEDGER_SCHEMA.empty_table()
+
+
+def _write_ledger(state_dir: str | os.PathLike, ledger: pa.Table) -> None:
+    write_parquet(ledger.cast(LEDGER_SCHEMA), ledger_path(state_dir))
+
+
+def normalize_selection(selected: pa.Table | str | os.PathLike | None, model_version: str | None = None) -> pa.Table:
+    """Any selection (table, Parquet file or folder) as SELECTION_SCHEMA, one row per record_id."""
+    if selected is None:
+        return SELECTION_SCHEMA.empty_table()
+    table = selected if isinstance(selected, pa.Table) else ds.dataset(str(selected), format="parquet",
+                                                                        partitioning="hive").to_table()
+    columns = {}
+    for field in SELECTION_SCHEMA:
+        if field.name in table.column_names:
+            column = table.column(field.name)
+            if pa.types.is_dictionary(column.type):
+                column = column.cast(column.type.value_type)
+            columns[field.name] = column.cast(field.type)
+        else:
+            columns[field.name] = pa.nulls(table.num_rows, field.type)
+    if model_version is not None:
+        # The caller's model version fills rows that carry none (e.g. a selection without scores columns).
+        columns["model_version"] = pc.fill_null(columns["model_version"], model_version)
+    normalized = pa.table(columns, schema=SELECTION_SCHEMA)
+    return last_per_record(normalized)
+
+
+def last_per_record(table: pa.Table) -> pa.Table:
+    """Keep the last row of each record_id (later selections carry fresher predictions)."""
+    if table.num_rows == 0:
+        return table
+    ids = table.column("record_id").to_pylist()
+    last = {record_id: i for i, record_id in enumerate(ids)}
+    return table.take(sorted(last.values()))
+
+
+def task_payload(row: dict[str, Any], project: LabelStudioProject) -> dict[str, Any]:
+    """One Label Studio task (data + the model's prediction) for a selected record."""
+    data = {
+        "record_id": row["record_id"],
+        "text": row.get("text") or "",
+        "image": project.media_url(row.get("image")) or NO_IMAGE_PLACEHOLDER,
+        "audio": project.media_url(row.get("audio")) or "",
+        "has_image": bool(row.get("image")),
+        "has_text": bool(row.get("text")),
+        "has_audio": bool(row.get("audio")),
+    }
+    payload: dict[str, Any] = {"data": data}
+    label = row.get("predicted_label")
+    if label:
+        if label not in project.labels:
+            raise ValueError(f"record {row['record_id']}: predicted label {label!r} not in {project.labels}")
+        prediction: dict[str, Any] = {
+            "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+                        "value": {"choices": [label]}}],
+            "model_version": row.get("model_version") or "unknown",
+        }
+        if row.get("confidence") is not None:
+            prediction["score"] = float(row["confidence"])
+        payload["predictions"] = [prediction]
+    return payload
+
+
+def _ledger_rows(project_id: int, pairs: Iterable[tuple[str, int]], how: str) -> pa.Table:
+    pairs = list(pairs)
+    now = datetime.now(timezone.utc)
+    return pa.table({
+        "record_id": [r for r, _ in pairs], "project_id": [project_id] * len(pairs),
+        "task_id": [t for _, t in pairs], "pushed_at": [now] * len(pairs), "how": [how] * len(pairs),
+    }, schema=LEDGER_SCHEMA)
+
+
+def write_pending(state_dir: Path, pending: pa.Table) -> None:
+    path = pending_path(state_dir)
+    if pending.num_rows:
+        write_parquet(pending, path)
+    elif path.exists():
+        path.unlink()  # nothing pending: removing the file is atomic
+
+
+def push_selection(client: LabelStudioClient, project: LabelStudioProject,
+                   selected: pa.Table | str | os.PathLike | None, state_dir: str | os.PathLike,
+                   model_version: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                   on_batch: Callable[[int, int], None] | None = None) -> PushResult:
+    """Send the selection (plus anything pending) to ``project``; never send a record twice.
+
+    ``on_batch(batch_index, n_tasks)`` is called after each batch is imported and recorded
+    (progress reporting; tests use it to stop the server mid-push).
+    """
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    # One push at a time per state folder: two concurrent pushes (a Prefect retry racing a
+    # recomputed Dask task) would both see a record as unsent.
+    with open(state_dir / "push.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _push_locked(client, project, selected, state_dir, model_version, batch_size, on_batch)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _push_locked(client: LabelStudioClient, project: LabelStudioProject,
+                 selected: pa.Table | str | os.PathLike | None, state_dir: Path, model_version: str | None,
+                 batch_size: int, on_batch: Callable[[int, int], None] | None) -> PushResult:
+    earlier = normalize_selection(pending_path(state_dir)) if pending_path(state_dir).exists() \
+        else SELECTION_SCHEMA.empty_table()
+    candidates = last_per_record(pa.concat_tables([earlier, normalize_selection(selected, model_version)]))
+    n_selected = candidates.num_rows
+    project_id = project.project_id
+
+    ledger = read_ledger(state_dir)
+    in_project = pc.equal(ledger.column("project_id"), project_id)
+    known: dict[str, int] = dict(zip(ledger.filter(in_project).column("record_id").to_pylist(),
+                                     ledger.filter(in_project).column("task_id").to_pylist()))
+    try:
+        on_server = {t["data"].get("record_id"): int(t["id"]) for t in client.iter_tasks(project_id)}
+    except LabelStudioUnavailable as exc:
+        write_pending(state_dir, candidates)
+        log.warning("Label Studio unavailable; %d records stay pending: %s", n_selected, exc)
+        return PushResult(project_id, n_selected, 0, 0, 0, n_selected, error=str(exc))
+
+    # Adopt what the server has and the ledger lacks (a crash after an import): never resend it.
+    adopted = [(r, t) for r, t in on_server.items() if r is not None and r not in known]
+    if adopted:
+        ledger = pa.concat_tables([ledger, _ledger_rows(project_id, adopted, "adopted")])
+        _write_ledger(state_dir, ledger)
+        known.update(adopted)
+        log.info("adopted %d tasks found in Label Studio but missing from the ledger", len(adopted))
+
+    ids = candidates.column("record_id").to_pylist()
+    to_send = candidates.filter(pa.array([r not in known for r in ids], type=pa.bool_()))
+    n_skipped = n_selected - to_send.num_rows
+
+    # Recorded before the first request, so a crash mid-push loses nothing of the selection.
+    write_pending(state_dir, to_send)
+    rows = to_send.to_pylist()
+    n_pushed = 0
+    for index, batch in enumerate(batched(rows, batch_size)):
+        payload = [task_payload(row, project) for row in batch]
+        try:
+            task_ids = client.import_tasks(project_id, payload)
+        except LabelStudioUnavailable as exc:
+            # This batch may or may not have landed (a timeout after sending): the next run's
+            # server check adopts whatever did, and sends the rest.
+            remaining = to_send.slice(n_pushed)
+            write_pending(state_dir, remaining)
+            log.warning("Label Studio unavailable after %d tasks; %d records stay pending: %s",
+                        n_pushed, remaining.num_rows, exc)
+            return PushResult(project_id, n_selected, n_pushed, n_skipped, len(adopted), remaining.num_rows,
+                              error=str(exc))
+        ledger = pa.concat_tables([ledger, _ledger_rows(project_id, zip([r["record_id"] for r in batch], task_ids),
+                                                        "import")])
+        _write_ledger(state_dir, ledger)
+        n_pushed += len(batch)
+        write_pending(state_dir, to_send.slice(n_pushed))
+        if on_batch is not None:
+            on_batch(index, len(batch))
+
+    write_pending(state_dir, SELECTION_SCHEMA.empty_table())
+    _use_for_prelabeling(client, project_id, to_send)
+    return PushResult(project_id, n_selected, n_pushed, n_skipped, len(adopted), 0)
+
+
+def _use_for_prelabeling(client: LabelStudioClient, project_id: int, pushed: pa.Table) -> None:
+    """Make the newest pushed model version the project's pre-labeling source.
+
+    Label Studio copies the prediction of the project's ``model_version`` into a new
+    annotation, so the annotator starts from the model's guess (and sees its score).
+    """
+    versions = [v for v in pushed.column("model_version").to_pylist() if v]
+    if not versions:
+        return
+    try:
+        client.update_project(project_id, model_version=versions[-1], show_collab_predictions=True)
+    except LabelStudioAuthError:
+        raise
+    except LabelStudioError as exc:  # the tasks are in; pre-labeling is a convenience, the next push retries
+        log.warning("could not set the project's pre-labeling model version: %s", exc)
+
+
+# Prefect wrapper (never cached: a push must reach the server). push_selection itself turns "server down" into a pending result, so the
+# retries here only cover local I/O (the ledger or pending file on a flaky disk).
+push_selection_task = task(name="labelstudio-push", retries=2, retry_delay_seconds=[10, 30],
+                           retry_condition_fn=retry_on_io, tags=["labelstudio"], cache_policy=NO_CACHE)(push_selection)

@@ -1,0 +1,356 @@
+"""A local Label Studio server, and the credentials to reach whichever server is in use.
+
+``LocalLabelStudio`` starts ``label-studio`` from its own virtual environment (its pins are
+not the project's) bound to 127.0.0.1, with a generated admin and a 40-hex legacy API token,
+waits until it answers, checks that the port it answers on is the one asked for (Label
+Studio silently moves to the next free port otherwise), and stops it by process group.
+
+Credentials resolution (``resolve_credentials``): ``AFFECTLOOP_LABEL_STUDIO_URL`` plus
+``AFFECTLOOP_LABEL_STUDIO_TOKEN`` (Settings) win; otherwise the file
+``<data_root>/state/labelstudio/credentials.json`` (mode 0600) written by ``start()``.
+The token only ever lives in a ``SecretStr``: it never reaches a log, a repr or an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from pydantic import SecretStr
+
+from affectloop.io import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VENV = Path(".venv-labelstudio")
+ADMIN_EMAIL = "admin@affectloop.local"
+# Label Studio's first start on a fresh database runs migrations (about 25 s on a quiet
+# machine); under load it can take several times that.
+DEFAULT_START_TIMEOUT_S = 240.0
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio could not be started, reached or used. Messages never carry the token."""
+
+
+class LabelStudioAuthError(LabelStudioError):
+    """The server refused the token (401/403)."""
+
+
+@dataclass(frozen=True)
+class LabelStudioCredentials:
+    """Where Label Studio is and how to authenticate. ``token`` is a SecretStr on purpose."""
+
+    url: str
+    token: SecretStr
+    source: str  # "environment" or the credentials file path: named in auth errors
+    username: str | None = None
+    password: SecretStr | None = None
+
+    def __repr__(self) -> str:  # dataclass repr would be safe with SecretStr; be explicit anyway
+        return f"LabelStudioCredentials(url={self.url!r}, source={self.source!r}, token=SecretStr('**********'))"
+
+
+def labelstudio_state_dir(data_root: str | os.PathLike) -> Path:
+    return Path(data_root) / "state" / "labelstudio"
+
+
+def credentials_path(data_root: str | os.PathLike) -> Path:
+    return labelstudio_state_dir(data_root) / "credentials.json"
+
+
+def resolve_credentials(data_root: str | os.PathLike, url: str | None = None,
+                        token: SecretStr | str | None = None) -> LabelStudioCredentials:
+    """The environment's server (``url`` + ``token``, from Settings) when given, else the local file."""
+    if url:
+        if token is None:
+            raise LabelStudioError(
+                "AFFECTLOOP_LABEL_STUDIO_URL is set but AFFECTLOOP_LABEL_STUDIO_TOKEN is not; "
+                "set the API token of that server (Account & Settings > Access Token)"
+            )
+        secret = token if isinstance(token, SecretStr) else SecretStr(token)
+        return LabelStudioCredentials(url=url.rstrip("/"), token=secret, source="environment")
+    path = credentials_path(data_root)
+    raw = read_json(path)
+    if not raw:
+        raise LabelStudioError(
+            f"no Label Studio credentials: set AFFECTLOOP_LABEL_STUDIO_URL and AFFECTLOOP_LABEL_STUDIO_TOKEN, "
+            f"or start the local server (which writes {path})"
+        )
+    return LabelStudioCredentials(
+        url=raw["url"].rstrip("/"), token=SecretStr(raw["token"]), source=str(path),
+        username=raw.get("username"), password=SecretStr(raw["password"]) if raw.get("password") else None,
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (for tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pid_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class LocalLabelStudio:
+    """A Label Studio server this project starts, owns and stops.
+
+    State lives under ``<data_root>/state/labelstudio/``: ``server/`` (Label Studio's own
+    database and uploads), ``server.json`` (pid, port, document root), ``server.log`` and
+    ``credentials.json`` (0600).
+    """
+
+    def __init__(self, data_root: str | os.PathLike, port: int = 8089, document_root: str | os.PathLike | None = None,
+                 venv: str | os.PathLike = DEFAULT_VENV, host: str = "127.0.0.1") -> None:
+        self.data_root = Path(data_root).resolve()
+        self.port = int(port)
+        self.host = host
+        # Media are served from under the document root; default to the data root's parent so a
+        # source next to the data root works. Pass the source root (or a parent) explicitly.
+        self.document_root = Path(document_root).resolve() if document_root else self.data_root.parent
+        venv_path = Path(venv)
+        if not venv_path.is_absolute() and not venv_path.exists():
+            # Relative to the repository (where make creates it), not the caller's cwd.
+            venv_path = Path(__file__).resolve().parents[2] / venv_path
+        self.venv = venv_path.resolve()
+        self.state_dir = labelstudio_state_dir(self.data_root)
+        self.server_dir = self.state_dir / "server"
+        self.log_path = self.state_dir / "server.log"
+        self.server_json = self.state_dir / "server.json"
+
+    def __repr__(self) -> str:
+        return f"LocalLabelStudio(url={self.url!r}, data_root={str(self.data_root)!r})"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def executable(self) -> Path:
+        return self.venv / "bin" / "label-studio"
+
+    # ------------------------------------------------------------------ credentials
+    def _load_or_create_credentials(self) -> dict[str, str]:
+        """Reuse earlier credentials (the database already holds that user), else generate them."""
+        raw = read_json(credentials_path(self.data_root)) or {}
+        if raw.get("token") and raw.get("password") and (self.server_dir / "label_studio.sqlite3").exists():
+            raw["url"] = self.url
+            return raw
+        return {
+            "url": self.url,
+            "username": ADMIN_EMAIL,
+            "password": secrets.token_urlsafe(18),
+            "token": secrets.token_hex(20),  # 40 hex characters, as Label Studio's legacy tokens
+        }
+
+    def credentials(self) -> LabelStudioCredentials:
+        return resolve_credentials(self.data_root)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _recorded(self) -> dict[str, Any]:
+        return read_json(self.server_json) or {}
+
+    def _recorded_pid_if_ours(self) -> int | None:
+        """The recorded PID, only if that process is alive and is our label-studio (PIDs get reused)."""
+        pid = self._recorded().get("pid")
+        if not pid or not _pid_alive(int(pid)):
+            return None
+        cmdline = _pid_cmdline(int(pid))
+        if "label-studio" not in cmdline or str(self.server_dir) not in cmdline:
+            return None
+        return int(pid)
+
+    def _healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            response = requests.get(f"{self.url}/health", timeout=timeout)
+        except requests.RequestException:
+            return False
+        return response.status_code == 200
+
+    def _token_accepted(self, token: str) -> bool:
+        try:
+            response = requests.get(f"{self.url}/api/current-user/whoami", timeout=10,
+                                    headers={"Authorization": f"Token {token}"})
+        except requests.RequestException:
+            return False
+        return response.status_code == 200
+
+    def _wait_healthy(self, pid: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not _pid_alive(pid):
+                raise LabelStudioError(f"label-studio (pid {pid}) exited while starting; see {self.log_path}")
+            if self._healthy():
+                return
+            time.sleep(0.5)
+        raise LabelStudioError(f"Label Studio did not become healthy on {self.url} within {timeout_s:.0f} s; "
+                               f"see {self.log_path}")
+
+    def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> LabelStudioCredentials:
+        """Start (or reuse) the server, wait until healthy, write credentials; returns them."""
+        pid = self._recorded_pid_if_ours()
+        recorded = self._recorded()
+        if pid is not None:
+            if recorded.get("port") == self.port and recorded.get("document_root") == str(self.document_root):
+                # Ours, same settings: reuse it (waiting if another caller is still starting it).
+                self._wait_healthy(pid, timeout_s)
+                log.info("Label Studio already running at %s (pid %s)", self.url, pid)
+                return self.credentials()
+            self.stop()  # another port or document root was asked for: restart with the new settings
+
+        if not self.executable.exists():
+            raise LabelStudioError(f"{self.executable} not found; run `make labelstudio-install`")
+        if port_in_use(self.port, self.host):
+            # Label Studio would silently move to the next port; refuse instead.
+            raise LabelStudioError(f"port {self.port} on {self.host} is already in use; "
+                                   f"choose another with AFFECTLOOP_LABEL_STUDIO_PORT")
+
+        creds = self._load_or_create_credentials()
+        self.server_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "LABEL_STUDIO_USERNAME": creds["username"],
+            "LABEL_STUDIO_PASSWORD": creds["password"],
+            "LABEL_STUDIO_USER_TOKEN": creds["token"],
+            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",  # without it the preset token gets 401
+            "LATEST_VERSION_CHECK": "false",
+            "COLLECT_ANALYTICS": "false",
+            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(self.document_root),
+            "LABEL_STUDIO_BASE_DATA_DIR": str(self.server_dir),
+            # Same-origin only; the API token and session cookie are all clients need.
+            "LABEL_STUDIO_HOST": "",
+        }
+        env.pop("VIRTUAL_ENV", None)
+        cmd = [str(self.executable), "start", "--no-browser", "--internal-host", self.host,
+               "--port", str(self.port), "--data-dir", str(self.server_dir), "--log-level", "WARNING"]
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Saved before the start: if this process dies while the server boots, the next call
+        # still holds the credentials the server's database was created with.
+        atomic_write_json(credentials_path(self.data_root), creds, mode=0o600)
+        with open(self.log_path, "ab") as log_file:
+            # Own session => own process group, so stop() reaches every child and nothing else.
+            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                       env=env, cwd=self.server_dir, start_new_session=True)
+        atomic_write_json(self.server_json, {"pid": process.pid, "port": self.port, "url": self.url,
+                                             "document_root": str(self.document_root),
+                                             "started_at": time.time()})
+        try:
+            self._wait_healthy(process.pid, timeout_s)
+        except LabelStudioError:
+            self.stop()
+            raise
+        # The healthy server must be ours, on the port asked for, accepting our token.
+        if not self._token_accepted(creds["token"]):
+            self.stop()
+            raise LabelStudioError(f"the server answering on {self.url} is not the one just started "
+                                   f"(it refused the generated token); see {self.log_path}")
+        log.info("Label Studio started at %s (pid %s)", self.url, process.pid)
+        return self.credentials()
+
+    def stop(self, timeout_s: float = 20.0) -> bool:
+        """SIGTERM the server's process group, wait, SIGKILL if needed. Returns whether one was running."""
+        pid = self._recorded_pid_if_ours()
+        if pid is None:
+            return False
+        try:
+            pgid = os.getpgid(pid)
+        except ProcessLookupError:
+            return False
+        # Only signal the group if the server leads it (it does: start_new_session=True).
+        target = (lambda sig: os.killpg(pgid, sig)) if pgid == pid else (lambda sig: os.kill(pid, sig))
+        try:
+            target(signal.SIGTERM)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not _pid_alive(pid):
+                break
+            time.sleep(0.2)
+        else:
+            try:
+                target(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            time.sleep(0.2)
+            _reap(pid)
+        recorded = self._recorded()
+        recorded["pid"] = None
+        recorded["stopped_at"] = time.time()
+        atomic_write_json(self.server_json, recorded)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """Running? healthy? where? (never the token)."""
+        pid = self._recorded_pid_if_ours()
+        return {"running": pid is not None, "pid": pid, "url": self.url,
+                "healthy": self._healthy() if pid is not None else False,
+                "document_root": str(self.document_root), "log": str(self.log_path)}
+
+
+def _reap(pid: int) -> None:
+    """Collect our own child's exit status so it does not linger as a zombie (which looks alive)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tasks.labelstudio.server start|stop|status --data-root D --port P``"""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--document-root", default=None)
+    args = parser.parse_args(argv)
+    server = LocalLabelStudio(args.data_root, args.port, document_root=args.document_root)
+    if args.action == "start":
+        creds = server.start()
+        print(json.dumps({"url": creds.url, "credentials": creds.source}))
+    elif args.action == "stop":
+        print(json.dumps({"stopped": server.stop()}))
+    else:
+        print(json.dumps(server.status()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

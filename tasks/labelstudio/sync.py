@@ -1,0 +1,241 @@
+"""Pull finished annotations from Label Studio into ``labels/annotations.parquet``.
+
+Incremental by watermark (``state/labelstudio/watermark.json``, per project): the latest
+annotation ``updated_at`` seen, plus the ids of the annotations stamped exactly then. A
+task is (re)resolved when one of its annotations is newer than the watermark, or stamped at
+the watermark but not among those ids (saved in the same instant as the last sync, after
+the snapshot); its resolution replaces the record's earlier one ("latest resolution wins").
+
+Cancelled and skipped annotations (both ``was_cancelled`` in Label Studio) are ignored.
+Several annotations on a task are resolved by majority; a tie stays unresolved and is not
+written (and removes an earlier resolution of that record: the latest state wins).
+Agreement: per task, the share of annotators who chose the winning label; overall,
+Krippendorff's alpha (nominal) over every annotated task of the project.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from affectloop.io import atomic_write_json, read_json, write_parquet
+from affectloop.schemas import LABELS_SCHEMA
+from tasks.labelstudio.agreement import krippendorff_alpha_nominal, majority
+from tasks.labelstudio.client import LabelStudioClient
+from tasks.labelstudio.project import FROM_NAME, LabelStudioProject
+from tasks.labelstudio.retry import retry_on_io
+
+log = logging.getLogger(__name__)
+
+ANNOTATIONS_FILE = "annotations.parquet"
+
+
+@dataclass
+class SyncResult:
+    project_id: int
+    n_tasks_annotated: int  # annotated tasks in the project (export snapshot)
+    n_tasks_changed: int  # tasks with annotations new or updated since the watermark
+    n_resolved: int  # changed tasks written with a consensus label
+    n_ties: int  # changed tasks left unresolved (tie between top labels)
+    n_ignored_annotations: int  # cancelled or skipped, or no valid choice
+    n_labels_total: int  # rows in labels/annotations.parquet after the sync
+    annotations_per_annotator: dict[str, int] = field(default_factory=dict)
+    mean_task_agreement: float | None = None  # over tasks with 2+ valid annotations
+    krippendorff_alpha: float | None = None
+    watermark: str | None = None
+    labels_path: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        """A short report for a Prefect markdown artifact."""
+        def fmt(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
+        lines = [
+            f"### Annotation sync (project {self.project_id})",
+            "",
+            "| annotated tasks | changed | resolved | ties (unresolved) | ignored (cancelled/skipped) | labels total |",
+            "|---|---|---|---|---|---|",
+            f"| {self.n_tasks_annotated} | {self.n_tasks_changed} | {self.n_resolved} | {self.n_ties} | "
+            f"{self.n_ignored_annotations} | {self.n_labels_total} |",
+            "",
+            f"Krippendorff's alpha (nominal): **{fmt(self.krippendorff_alpha)}**; mean per-task agreement "
+            f"(tasks with 2+ annotations): **{fmt(self.mean_task_agreement)}**",
+            "",
+            "| annotator | annotations |",
+            "|---|---|",
+            *[f"| {who} | {n} |" for who, n in self.annotations_per_annotator.items()],
+        ]
+        return "\n".join(lines)
+
+
+def watermark_path(state_dir: str | os.PathLike) -> Path:
+    return Path(state_dir) / "watermark.json"
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _annotator_name(annotation: dict[str, Any], emails: dict[int, str]) -> str:
+    who = annotation.get("completed_by")
+    if isinstance(who, dict):
+        return str(who.get("email") or who.get("id"))
+    return emails.get(who, str(who)) if isinstance(who, int) else str(who)
+
+
+@dataclass(frozen=True)
+class Watermark:
+    updated_at: datetime | None = None
+    ids_at_mark: frozenset[int] = frozenset()  # annotations stamped exactly at updated_at, already seen
+
+    def is_new(self, stamp: datetime | None, annotation_id: int | None) -> bool:
+        if self.updated_at is None or stamp is None:
+            return True
+        return stamp > self.updated_at or (stamp == self.updated_at and annotation_id not in self.ids_at_mark)
+
+
+def annotation_choice(annotation: dict[str, Any], labels: Sequence[str]) -> str | None:
+    """The label an annotation chose, or None when it was cancelled/skipped or chose nothing valid."""
+    if annotation.get("was_cancelled"):
+        return None
+    for item in annotation.get("result") or []:
+        if item.get("from_name") == FROM_NAME and item.get("type") == "choices":
+            choices = (item.get("value") or {}).get("choices") or []
+            if len(choices) == 1 and choices[0] in labels:
+                return choices[0]
+    return None
+
+
+def resolve_tasks(tasks: Iterable[dict[str, Any]], labels: Sequence[str], since: Watermark = Watermark(),
+                  emails: dict[int, str] | None = None):
+    """Resolve exported tasks. Returns (rows for changed+resolved tasks, changed record_ids, stats)."""
+    emails = emails or {}
+    rows: list[dict[str, Any]] = []
+    changed_ids: set[str] = set()
+    units: list[list[str]] = []
+    per_annotator: Counter[str] = Counter()
+    task_agreements: list[float] = []
+    n_ignored = n_ties = n_annotated = 0
+    stamps: list[tuple[datetime, int]] = []
+    for item in tasks:
+        record_id = (item.get("data") or {}).get("record_id")
+        annotations = item.get("annotations") or []
+        if record_id is None or not annotations:
+            continue
+        n_annotated += 1
+        valid: list[tuple[str, datetime | None]] = []
+        changed = False
+        for annotation in annotations:
+            stamp = _parse_time(annotation.get("updated_at") or annotation.get("created_at"))
+            annotation_id = annotation.get("id")
+            changed |= since.is_new(stamp, annotation_id)
+            if stamp is not None and annotation_id is not None:
+                stamps.append((stamp, int(annotation_id)))
+            choice = annotation_choice(annotation, labels)
+            if choice is None:
+                n_ignored += 1
+                continue
+            valid.append((choice, stamp))
+            per_annotator[_annotator_name(annotation, emails)] += 1
+        chosen = [choice for choice, _ in valid]
+        units.append(chosen)
+        resolution = majority(chosen)
+        if resolution.annotators >= 2 and resolution.agreement is not None:
+            task_agreements.append(resolution.agreement)
+        if not changed:
+            continue  # unchanged since the last sync
+        changed_ids.add(str(record_id))
+        if resolution.label is None:
+            n_ties += resolution.annotators > 0
+            continue
+        valid_times = [t for _, t in valid if t is not None]
+        rows.append({
+            "record_id": str(record_id), "label": resolution.label, "source": "annotation",
+            "annotators": resolution.annotators, "agreement": resolution.agreement,
+            "ls_task_id": int(item["id"]), "annotated_at": max(valid_times) if valid_times else None,
+        })
+    stats = {
+        "n_annotated": n_annotated, "n_ignored": n_ignored, "n_ties": n_ties,
+        "per_annotator": dict(sorted(per_annotator.items())),
+        "mean_task_agreement": sum(task_agreements) / len(task_agreements) if task_agreements else None,
+        "alpha": krippendorff_alpha_nominal(units), "watermark": _next_watermark(since, stamps),
+    }
+    return rows, changed_ids, stats
+
+
+def _next_watermark(since: Watermark, stamps: list[tuple[datetime, int]]) -> Watermark:
+    if not stamps:
+        return since
+    latest = max(stamp for stamp, _ in stamps)
+    if since.updated_at is not None and since.updated_at > latest:
+        return since
+    return Watermark(latest, frozenset(i for stamp, i in stamps if stamp == latest))
+
+
+def merge_labels(labels_dir: str | os.PathLike, rows: list[dict[str, Any]], replaced_ids: set[str]) -> tuple[Path, int]:
+    """Rewrite labels/annotations.parquet: earlier rows minus ``replaced_ids``, plus ``rows``."""
+    path = Path(labels_dir) / ANNOTATIONS_FILE
+    new = pa.Table.from_pylist(rows, schema=_plain_labels_schema()).cast(LABELS_SCHEMA) if rows \
+        else LABELS_SCHEMA.empty_table()
+    if path.exists():
+        earlier = pq.read_table(path).cast(LABELS_SCHEMA)
+        keep = pa.array([r not in replaced_ids for r in earlier.column("record_id").to_pylist()], type=pa.bool_())
+        earlier = earlier.filter(keep)
+        merged = pa.concat_tables([earlier.unify_dictionaries(), new.unify_dictionaries()],
+                                  promote_options="permissive").combine_chunks()
+    else:
+        merged = new
+    merged = merged.sort_by("record_id")
+    write_parquet(merged.cast(LABELS_SCHEMA), path)
+    return path, merged.num_rows
+
+
+def _plain_labels_schema() -> pa.Schema:
+    # from_pylist cannot build dictionary columns; build plain strings, then cast.
+    return pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type, f.nullable)
+                      for f in LABELS_SCHEMA])
+
+
+def sync_annotations(client: LabelStudioClient, project: LabelStudioProject, labels_dir: str | os.PathLike,
+                     state_dir: str | os.PathLike) -> SyncResult:
+    """Pull annotations changed since the watermark, resolve them and merge them into labels/."""
+    state = read_json(watermark_path(state_dir), default={}) or {}
+    key = str(project.project_id)
+    mark = state.get(key) or {}
+    since = Watermark(_parse_time(mark.get("updated_at")), frozenset(mark.get("ids_at_mark", [])))
+    tasks = client.export_annotated(project.project_id)
+    rows, changed_ids, stats = resolve_tasks(tasks, project.labels, since, emails=client.user_emails())
+    path, n_total = merge_labels(labels_dir, rows, changed_ids)
+    latest: Watermark = stats["watermark"]
+    if latest != since and latest.updated_at is not None:
+        # Written after labels/: a crash in between only means the same tasks are resolved again.
+        state[key] = {"updated_at": latest.updated_at.astimezone(timezone.utc).isoformat(),
+                      "ids_at_mark": sorted(latest.ids_at_mark),
+                      "synced_at": datetime.now(timezone.utc).isoformat()}
+        atomic_write_json(watermark_path(state_dir), state)
+    return SyncResult(
+        project_id=project.project_id, n_tasks_annotated=stats["n_annotated"], n_tasks_changed=len(changed_ids),
+        n_resolved=len(rows), n_ties=stats["n_ties"], n_ignored_annotations=stats["n_ignored"],
+        n_labels_total=n_total, annotations_per_annotator=stats["per_annotator"],
+        mean_task_agreement=stats["mean_task_agreement"], krippendorff_alpha=stats["alpha"],
+        watermark=latest.updated_at.isoformat() if latest.updated_at else None, labels_path=str(path),
+    )
+
+
+sync_annotations_task = task(name="labelstudio-sync", retries=3, retry_delay_seconds=[5, 15, 45],
+                             retry_condition_fn=retry_on_io, tags=["labelstudio"], cache_policy=NO_CACHE)(sync_annotations)

@@ -1,0 +1,308 @@
+"""Against a real Label Studio, started once for the test session (free port, temp data dir).
+
+Each test works in its own project: projects are keyed by label set, so each test uses its
+own label set (``_labels(tag)``) and its own state folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+from PIL import Image
+
+from tasks.labelstudio import push as push_module
+from tasks.labelstudio.annotator import SimulatedAnnotator
+from tasks.labelstudio.client import LabelStudioClient, RetryPolicy
+from tasks.labelstudio.project import ensure_project, project_title
+from tasks.labelstudio.push import push_selection, read_ledger
+from tasks.labelstudio.server import (LabelStudioAuthError, LabelStudioError, LocalLabelStudio, credentials_path,
+                                      free_port, resolve_credentials)
+from tasks.labelstudio.sync import sync_annotations
+
+pytestmark = pytest.mark.service
+
+LS_VENV = Path(__file__).resolve().parents[1] / ".venv-labelstudio"
+
+
+def _labels(tag: str) -> tuple[str, ...]:
+    return (f"anger-{tag}", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
+
+
+@pytest.fixture(scope="session")
+def ls_root(tmp_path_factory) -> Path:
+    """Document root holding a tiny source (one face, one clip) and the data root."""
+    root = tmp_path_factory.mktemp("ls")
+    media = root / "source" / "media"
+    media.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(media / "face.png")
+    import soundfile as sf
+
+    sf.write(media / "clip.wav", (0.1 * np.sin(np.arange(8000) / 5)).astype(np.float32), 16000)
+    return root
+
+
+# A migrated database (with its admin and credentials) kept beside the Label Studio install:
+# a fresh database costs 25-90 s of migrations, a copy of this one starts in a few seconds.
+# Tests only: every test session then shares the same generated token.
+TEMPLATE_DIR = LS_VENV / ".affectloop-test-template"
+TEMPLATE_FILES = ("label_studio.sqlite3", ".env")
+
+
+def _seed_from_template(server: LocalLabelStudio) -> bool:
+    if not all((TEMPLATE_DIR / name).exists() for name in (*TEMPLATE_FILES, "credentials.json")):
+        return False
+    server.server_dir.mkdir(parents=True, exist_ok=True)
+    for name in TEMPLATE_FILES:
+        shutil.copy2(TEMPLATE_DIR / name, server.server_dir / name)
+    creds = credentials_path(server.data_root)
+    shutil.copy2(TEMPLATE_DIR / "credentials.json", creds)
+    os.chmod(creds, 0o600)
+    return True
+
+
+def _save_template(server: LocalLabelStudio) -> None:
+    staged = TEMPLATE_DIR.with_name(TEMPLATE_DIR.name + f".tmp-{os.getpid()}")
+    staged.mkdir(mode=0o700, exist_ok=True)
+    # sqlite's backup API: a consistent copy of a database the running server may be writing.
+    with sqlite3.connect(server.server_dir / "label_studio.sqlite3") as src, \
+            sqlite3.connect(staged / "label_studio.sqlite3") as dst:
+        src.backup(dst)
+    os.chmod(staged / "label_studio.sqlite3", 0o600)  # password hashes and the token
+    shutil.copy2(server.server_dir / ".env", staged / ".env")
+    shutil.copy2(credentials_path(server.data_root), staged / "credentials.json")
+    try:
+        os.rename(staged, TEMPLATE_DIR)
+    except OSError:  # another session saved one first
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def label_studio(ls_root):
+    if not (LS_VENV / "bin" / "label-studio").exists():
+        pytest.skip("Label Studio is not installed; run `make labelstudio-install`")
+    server = LocalLabelStudio(ls_root / "data", port=free_port(), document_root=ls_root, venv=LS_VENV)
+    seeded = _seed_from_template(server)
+    server.start()
+    if not seeded:
+        _save_template(server)
+    yield server
+    server.stop()
+    assert not server.status()["running"]
+
+
+@pytest.fixture()
+def client(label_studio) -> LabelStudioClient:
+    return LabelStudioClient(label_studio.credentials(), retry=RetryPolicy(attempts=3, base_delay_s=0.2))
+
+
+def _selection(n: int, prefix: str = "r") -> pa.Table:
+    return pa.table({
+        "record_id": [f"{prefix}{i}" for i in range(n)],
+        "text": [f"utterance {i}" for i in range(n)],
+        "image": ["media/face.png"] * n,
+        "audio": ["media/clip.wav" if i % 2 == 0 else None for i in range(n)],
+        "predicted_label": ["joy"] * n,
+        "confidence": [0.3 + i / (10 * n) for i in range(n)],
+        "model_version": ["test-v1"] * n,
+    })
+
+
+def _server_record_ids(client: LabelStudioClient, project_id: int) -> list[str]:
+    return [t["data"]["record_id"] for t in client.iter_tasks(project_id)]
+
+
+def test_server_started_on_loopback_with_private_credentials(label_studio, ls_root):
+    creds = label_studio.credentials()
+    assert creds.url == f"http://127.0.0.1:{label_studio.port}"
+    path = ls_root / "data" / "state" / "labelstudio" / "credentials.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert creds.token.get_secret_value() not in label_studio.log_path.read_text(errors="replace")
+    assert label_studio.status()["healthy"]
+    # The port is taken now: a second server must refuse, not silently move to another port.
+    with pytest.raises(LabelStudioError, match="already in use"):
+        LocalLabelStudio(ls_root / "other", port=label_studio.port, venv=LS_VENV).start()
+
+
+def test_bootstrap_twice_gives_one_project_and_serves_media(client, ls_root, label_studio):
+    labels = _labels("boot")
+    first = ensure_project(client, labels, ls_root / "source", ls_root)
+    second = ensure_project(client, labels, ls_root / "source", ls_root)
+    assert first.created and not second.created
+    assert first.project_id == second.project_id and first.storage_id == second.storage_id
+    assert len(client.find_projects(project_title(labels))) == 1
+    assert len(client.local_storages(first.project_id)) == 1
+    # The media URL a task carries is served by Label Studio from the source.
+    url = label_studio.url + first.media_url("media/face.png")
+    response = requests.get(url, headers={"Authorization": f"Token {client.credentials.token.get_secret_value()}"},
+                            timeout=10)
+    assert response.status_code == 200
+    assert response.content == (ls_root / "source" / "media" / "face.png").read_bytes()
+
+
+def test_push_twice_gives_no_duplicate_tasks(client, ls_root, tmp_path):
+    project = ensure_project(client, _labels("push"), ls_root / "source", ls_root)
+    first = push_selection(client, project, _selection(7), tmp_path, batch_size=3)
+    assert (first.n_pushed, first.n_pending, first.n_skipped_already) == (7, 0, 0)
+    # Rerun with an overlapping selection: only the new record is sent.
+    second = push_selection(client, project, _selection(8), tmp_path, batch_size=3)
+    assert (second.n_pushed, second.n_skipped_already) == (1, 7)
+    ids = _server_record_ids(client, project.project_id)
+    assert sorted(ids) == sorted(f"r{i}" for i in range(8))
+    assert read_ledger(tmp_path).num_rows == 8
+    task = client.sdk.tasks.get(id=str(read_ledger(tmp_path).column("task_id")[0].as_py()))
+    (prediction,) = task.predictions
+    assert prediction.model_version == "test-v1" and prediction.result[0]["value"] == {"choices": ["joy"]}
+    assert task.data["image"].startswith("/data/local-files/?d=source/media/face.png")
+
+
+def test_crash_between_import_and_ledger_write_then_rerun_gives_no_duplicates(client, ls_root, tmp_path, monkeypatch):
+    project = ensure_project(client, _labels("crash"), ls_root / "source", ls_root)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the import, before the ledger write")
+
+    monkeypatch.setattr(push_module, "_write_ledger", crash)
+    with pytest.raises(KeyboardInterrupt):
+        push_selection(client, project, _selection(5), tmp_path)
+    monkeypatch.undo()
+    assert read_ledger(tmp_path).num_rows == 0  # the ledger never heard of the import
+    assert len(_server_record_ids(client, project.project_id)) == 5
+
+    rerun = push_selection(client, project, _selection(6), tmp_path)
+    assert (rerun.n_adopted, rerun.n_pushed, rerun.n_skipped_already) == (5, 1, 5)
+    ids = _server_record_ids(client, project.project_id)
+    assert len(ids) == len(set(ids)) == 6
+
+
+def test_server_stopped_mid_push_next_run_completes(client, label_studio, ls_root, tmp_path):
+    project = ensure_project(client, _labels("outage"), ls_root / "source", ls_root)
+    quick = LabelStudioClient(label_studio.credentials(), retry=RetryPolicy(attempts=2, base_delay_s=0.1))
+
+    def stop_after_first_batch(index: int, n_tasks: int) -> None:
+        if index == 0:
+            label_studio.stop()
+
+    try:
+        result = push_selection(quick, project, _selection(6), tmp_path, batch_size=2, on_batch=stop_after_first_batch)
+        assert (result.n_pushed, result.n_pending) == (2, 4)
+        assert result.error and "unavailable" in result.error
+        assert client.credentials.token.get_secret_value() not in result.error
+        assert pq.read_table(tmp_path / "pending.parquet").num_rows == 4
+        # Still down: a whole push stays pending instead of failing the nightly build.
+        down = push_selection(quick, project, _selection(1, prefix="late"), tmp_path)
+        assert (down.n_pushed, down.n_pending) == (0, 5)
+    finally:
+        label_studio.start()
+    rerun = push_selection(client, project, None, tmp_path, batch_size=2)
+    assert (rerun.n_pushed, rerun.n_pending) == (5, 0)
+    assert not (tmp_path / "pending.parquet").exists()
+    ids = _server_record_ids(client, project.project_id)
+    assert sorted(ids) == sorted([f"r{i}" for i in range(6)] + ["late0"])
+
+
+def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreement(client, label_studio, ls_root,
+                                                                                  tmp_path):
+    labels = _labels("team")
+    project = ensure_project(client, labels, ls_root / "source", ls_root, annotations_per_task=3)
+    push_selection(client, project, _selection(5), tmp_path)
+    # What each annotator answers (a missing record: that annotator presses Skip).
+    answers = {
+        "ann1": {"r0": "joy", "r1": "anger-team", "r2": "fear", "r4": "sadness"},
+        "ann2": {"r0": "joy", "r1": "anger-team", "r2": "sadness", "r3": "joy", "r4": "anger-team"},
+        "ann3": {"r0": "joy", "r1": "fear", "r2": "neutral", "r3": "joy"},
+    }
+    for name, gold in answers.items():
+        annotator = SimulatedAnnotator(label_studio.url, f"{name}@team.test", "pw-" + name * 3, labels, gold)
+        stats = annotator.login().annotate_pending(project.project_id)
+        assert stats.annotated == len(gold) and stats.skipped == 5 - len(gold)
+
+    labels_dir, state_dir = tmp_path / "labels", tmp_path / "state"
+    result = sync_annotations(client, project, labels_dir, state_dir)
+    # By hand: r0 joy 3/3; r1 anger 2/3; r2 fear/sadness/neutral tie; r3 joy 2/2 (ann1 skipped);
+    # r4 sadness/anger tie (ann3 skipped). Krippendorff's alpha over the 13 pairable values:
+    # D_o = 7/13, D_e = 126/156 -> alpha = 1 - (7/13)/(126/156) = 1/3.
+    table = pq.read_table(labels_dir / "annotations.parquet").to_pylist()
+    got = {r["record_id"]: (r["label"], r["annotators"], round(r["agreement"], 4), r["source"]) for r in table}
+    assert got == {"r0": ("joy", 3, 1.0, "annotation"), "r1": ("anger-team", 3, round(2 / 3, 4), "annotation"),
+                   "r3": ("joy", 2, 1.0, "annotation")}
+    assert result.krippendorff_alpha == pytest.approx(1 / 3)
+    assert (result.n_resolved, result.n_ties, result.n_ignored_annotations) == (3, 2, 2)
+    assert result.annotations_per_annotator == {"ann1@team.test": 4, "ann2@team.test": 5, "ann3@team.test": 4}
+    assert result.mean_task_agreement == pytest.approx((1 + 2 / 3 + 1 / 3 + 1 + 1 / 2) / 5)
+
+    # Incremental: nothing new, nothing changes. One more vote breaks the r4 tie.
+    again = sync_annotations(client, project, labels_dir, state_dir)
+    assert again.n_tasks_changed == 0 and again.n_labels_total == 3
+    task_id = next(r["task_id"] for r in read_ledger(tmp_path).to_pylist() if r["record_id"] == "r4")
+    fourth = SimulatedAnnotator(label_studio.url, "ann4@team.test", "pw-ann4ann4", labels, {})
+    fourth.login().annotate(task_id, project.project_id, "sadness")
+    third = sync_annotations(client, project, labels_dir, state_dir)
+    assert third.n_tasks_changed == 1 and third.n_labels_total == 4
+    r4 = next(r for r in pq.read_table(labels_dir / "annotations.parquet").to_pylist() if r["record_id"] == "r4")
+    assert (r4["label"], r4["annotators"], r4["ls_task_id"]) == ("sadness", 3, task_id)
+
+
+def test_wrong_token_gives_clear_error_naming_the_setting(label_studio, tmp_path):
+    bad = "0" * 40
+    env_creds = resolve_credentials(tmp_path, url=label_studio.url, token=bad)
+    with pytest.raises(LabelStudioAuthError, match="AFFECTLOOP_LABEL_STUDIO_TOKEN") as info:
+        LabelStudioClient(env_creds).whoami()
+    assert bad not in str(info.value)
+    # From the credentials file: the message names the file to fix.
+    path = tmp_path / "state" / "labelstudio" / "credentials.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"url": "%s", "token": "%s"}' % (label_studio.url, bad))
+    os.chmod(path, 0o600)
+    with pytest.raises(LabelStudioAuthError, match="credentials.json") as info:
+        LabelStudioClient(resolve_credentials(tmp_path)).find_projects("x")
+    assert bad not in str(info.value)
+
+
+def test_flow_level_push_keeps_selection_pending_while_unreachable_then_pushes_it(label_studio, ls_root, tmp_path,
+                                                                                 monkeypatch):
+    from affectloop.settings import get_settings
+    from tasks.labelstudio.resource import push_to_labelstudio, sync_from_labelstudio
+
+    token = label_studio.credentials().token
+    monkeypatch.setenv("AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT", str(ls_root))
+    labels = ",".join(_labels("flow"))
+    down = get_settings(data_root=tmp_path, labels=labels, label_studio_url=f"http://127.0.0.1:{free_port()}",
+                        label_studio_token=token)
+    result = push_to_labelstudio(down, _selection(3), ls_root / "source", model_version="test-v1")
+    assert (result.n_pushed, result.n_pending) == (0, 3) and result.error
+    assert token.get_secret_value() not in result.error
+
+    up = get_settings(data_root=tmp_path, labels=labels, label_studio_url=label_studio.url, label_studio_token=token)
+    result = push_to_labelstudio(up, _selection(4), ls_root / "source")
+    assert (result.n_pushed, result.n_pending, result.n_selected) == (4, 0, 4)
+    again = push_to_labelstudio(up, _selection(4), ls_root / "source")
+    assert (again.n_pushed, again.n_skipped_already) == (0, 4)
+    synced = sync_from_labelstudio(up, ls_root / "source")
+    assert synced.n_tasks_annotated == 0 and synced.n_labels_total == 0
+    assert "Krippendorff" in synced.markdown()
+
+
+def test_simulated_team_with_error_rate_one_never_answers_gold(client, label_studio, ls_root, tmp_path):
+    from tasks.labelstudio.annotator import annotate_with_team
+
+    labels = _labels("noisy")
+    project = ensure_project(client, labels, ls_root / "source", ls_root)
+    push_selection(client, project, _selection(4), tmp_path)
+    gold = {f"r{i}": labels[i] for i in range(4)}
+    (first, second) = annotate_with_team(label_studio.url, project.project_id, labels, gold, n_annotators=2,
+                                         error_rate=1.0, seed=5, domain="noisy.test")
+    assert (first.annotated, first.correct) == (4, 0)
+    assert second.annotated == 0  # one annotation per task: the stream is empty for the second
+    result = sync_annotations(client, project, tmp_path / "labels", tmp_path / "state")
+    rows = pq.read_table(tmp_path / "labels" / "annotations.parquet").to_pylist()
+    assert result.n_resolved == 4 and all(row["label"] != gold[row["record_id"]] for row in rows)
