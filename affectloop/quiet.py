@@ -15,8 +15,9 @@ _DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "TF_CPP_MIN_LOG_LEVEL": "3",
     "TF_ENABLE_ONEDNN_OPTS": "0",
+    # One level for all of distributed: a nested DASK_LOGGING__DISTRIBUTED__NANNY beside it
+    # makes dask.config fail at import (a string and a dict under the same key).
     "DASK_LOGGING__DISTRIBUTED": "warning",
-    "DASK_LOGGING__DISTRIBUTED__NANNY": "error",
     "DASK_DISTRIBUTED__WORKER__DAEMON": "false",
     "KERAS_BACKEND": "tensorflow",
     "PREFECT_LOGGING_LEVEL": "WARNING",
@@ -31,6 +32,8 @@ def apply() -> None:
     for name in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny",
                  "distributed.core", "distributed.http.proxy", "distributed.batched", "tensorflow", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # tf.function retracing notices are advice for model authors, not for people running a build.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     # The nanny warns when it has to kill a worker at shutdown; that is the normal end of a run here.
     logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
