@@ -1,0 +1,79 @@
+"""The nightly-build flow against a real Prefect API and a real Dask LocalCluster."""
+
+from __future__ import annotations
+
+import socket
+from datetime import date
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from affectloop.settings import get_settings
+from tests.pipeline_helpers import make_source, tiny_production_model
+
+pytestmark = pytest.mark.service
+RUN_DATE = date(2026, 11, 30)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _build(source: Path, data_root: Path, monkeypatch, **params):
+    from flows.nightly_build import nightly_build
+    from flows.runner import make_task_runner
+
+    # Nothing listens on this port: Label Studio is "down" for the whole test.
+    monkeypatch.setenv("AFFECTLOOP_LABEL_STUDIO_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AFFECTLOOP_LABEL_STUDIO_TOKEN", "0" * 40)
+    settings = get_settings(source=str(source), data_root=data_root, dask_workers=1)
+    runner_flow = nightly_build.with_options(task_runner=make_task_runner(settings))
+    return runner_flow(source=str(source), data_root=str(data_root), run_date=RUN_DATE, **params)
+
+
+def test_cold_start_then_scored_build_then_rerun(tmp_path, prefect_api, monkeypatch):
+    source = make_source(tmp_path / "source", n=40)
+    data_root = tmp_path / "data"
+
+    # 1. Cold start: no model → no scores, a diversity selection kept pending (Label Studio is down).
+    cold = _build(source, data_root, monkeypatch, annotation_budget=8)
+    assert cold["cold_start"] is True and cold["scored"] == 0
+    assert not (data_root / "scores").exists()
+    assert cold["selected"] == 8
+    pending = pq.read_table(data_root / "state" / "labelstudio" / "pending.parquet")
+    assert pending.num_rows == 8
+    rejects = pq.read_table(data_root / "rejects" / f"run_date={RUN_DATE}" / "part-00000.parquet")
+    assert sorted(set(rejects.column("reason").to_pylist())) == ["decode_error", "duplicate_id", "no_modality",
+                                                                 "unsafe_path"]
+    assert (data_root / "labels" / "gold.parquet").exists()
+
+    # 2. With a production model: every valid record is scored, once.
+    version = tiny_production_model(source, data_root)
+    warm = _build(source, data_root, monkeypatch, annotation_budget=5)
+    assert warm["cold_start"] is False and warm["scored"] == 35
+    scores = ds.dataset(data_root / "scores", format="parquet", partitioning="hive").to_table()
+    assert scores.num_rows == 35
+    assert len(scores.column("record_id").unique()) == 35
+    assert set(scores.column("model_version").cast("string").to_pylist()) == {version}
+    selected = set(scores.filter(scores.column("selected_for_annotation")).column("record_id").to_pylist())
+    assert len(selected) == 5
+    assert not selected & set(pending.column("record_id").to_pylist())  # pending records are never re-selected
+    assert warm["features_cached"] == 35  # the fixture's features were reused
+
+    # 3. Rerunning the same date replaces the partition: no duplicates.
+    _build(source, data_root, monkeypatch, annotation_budget=0)
+    again = ds.dataset(data_root / "scores", format="parquet", partitioning="hive").to_table()
+    assert again.num_rows == 35
+    assert [p.name for p in (data_root / "scores").iterdir()] == [f"run_date={RUN_DATE}"]
