@@ -127,11 +127,15 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     raise OSError(errno, os.strerror(errno), f"{a} <-> {b}")
 
 
-def publish_dir(staged: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """Move a fully written staging folder to ``final``, replacing any previous one atomically."""
+def publish_dir(staged: str | os.PathLike, final: str | os.PathLike, fsync: bool = True) -> Path:
+    """Move a fully written staging folder to ``final``, replacing any previous one atomically.
+
+    ``fsync=False`` skips flushing every file first (still atomic, not crash-durable): for
+    regenerable folders of thousands of small files, such as generated demo sources.
+    """
     staged, final = Path(staged), Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for child in staged.rglob("*"):
+    for child in staged.rglob("*") if fsync else ():
         if child.is_file():
             with open(child, "rb") as handle:
                 os.fsync(handle.fileno())

@@ -23,6 +23,7 @@ REJECT_REASONS: dict[str, str] = {
     "no_modality": "no usable text, image or audio",
     "unsafe_path": "media path is absolute, a URL, contains '..', or resolves outside the source root",
     "missing_file": "media file does not exist",
+    "unreadable_file": "media path exists but is not a readable regular file (a folder, a device, no permission)",
     "empty_file": "media file has zero bytes",
     "file_too_large": "media file larger than limits.max_file_bytes",
     "unsupported_format": "media type not accepted (images: JPEG, PNG, BMP, WebP; audio: WAV, FLAC, OGG)",
