@@ -1,0 +1,148 @@
+"""Feature tables -> named model inputs.
+
+The fusion network takes one array per modality plus a presence mask per modality. A
+missing modality (a null in the features table) becomes zeros with mask 0, so every
+record has the same shapes whatever subset of modalities it carries.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from affectloop.schemas import FeatureSpec
+
+MODALITIES: tuple[str, ...] = ("image", "text", "audio")
+# Which named inputs belong to which modality (the presence mask is "<modality>_present").
+MODALITY_INPUTS: dict[str, tuple[str, ...]] = {
+    "image": ("image",),
+    "text": ("tokens",),
+    "audio": ("logmel", "prosody"),
+}
+PAD_TOKEN = ""  # tokens are padded with the empty string; the model's StringLookup masks it
+
+
+def presence_key(modality: str) -> str:
+    """Name of the presence-mask input of a modality."""
+    return f"{modality}_present"
+
+
+INPUT_NAMES: tuple[str, ...] = tuple(
+    name for modality in MODALITIES for name in MODALITY_INPUTS[modality]
+) + tuple(presence_key(m) for m in MODALITIES)
+
+
+def _fixed_list_to_array(column: pa.ChunkedArray | pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (fixed-size) list<float32> column -> (N, width) float32 with zeros for nulls, and the validity."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    out = np.zeros((n, width), dtype=np.float32)
+    valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    if valid.any():
+        # flatten() skips null rows, so the values line up with the valid rows only.
+        values = column.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
+        values = np.asarray(values, dtype=np.float32)
+        if values.size != int(valid.sum()) * width:
+            raise ValueError(f"expected {width} values per row, got {values.size / max(valid.sum(), 1):.1f}")
+        out[valid] = values.reshape(-1, width)
+    # A non-finite value would poison a whole batch; treat it as silence / flat grey.
+    np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return out, valid
+
+
+def _tokens_to_array(column: pa.ChunkedArray | pa.Array, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """list<string> column -> (N, max_tokens) object array of str padded with PAD_TOKEN, and validity."""
+    rows = column.to_pylist()
+    out = np.full((len(rows), max_tokens), PAD_TOKEN, dtype=object)
+    valid = np.zeros(len(rows), dtype=bool)
+    for i, tokens in enumerate(rows):
+        if tokens is None:
+            continue
+        tokens = [t for t in tokens if t][:max_tokens]
+        valid[i] = bool(tokens)  # an empty token list carries no text evidence
+        out[i, : len(tokens)] = tokens
+    return out, valid
+
+
+def arrays_from_features(table: pa.Table, spec: FeatureSpec | None = None) -> dict[str, np.ndarray]:
+    """Named model inputs from a features table (``affectloop.schemas.features_schema``).
+
+    Returns ``image`` (N,S,S,1) float32, ``tokens`` (N,max_tokens) str padded with "",
+    ``logmel`` (N,T,M) float32, ``prosody`` (N,P) float32 and the ``*_present`` masks
+    (N,1) float32. A modality is present when its ``has_*`` flag is true and its arrays
+    are not null; otherwise its arrays are zeros and its mask is 0.
+    """
+    if spec is None:
+        spec = FeatureSpec.from_metadata(table.schema.metadata)
+    n = table.num_rows
+    size = spec.image_size
+
+    def flag(name: str) -> np.ndarray:
+        if name not in table.column_names:
+            return np.ones(n, dtype=bool)
+        return np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+    image, image_ok = _fixed_list_to_array(table.column("image"), size * size)
+    tokens, text_ok = _tokens_to_array(table.column("tokens"), spec.max_tokens)
+    logmel, logmel_ok = _fixed_list_to_array(table.column("logmel"), spec.n_frames * spec.n_mels)
+    prosody, prosody_ok = _fixed_list_to_array(table.column("prosody"), spec.n_prosody)
+
+    image_present = flag("has_image") & image_ok
+    text_present = flag("has_text") & text_ok
+    audio_present = flag("has_audio") & logmel_ok & prosody_ok
+    # Zero the arrays of absent modalities so a half-filled record cannot leak into the model.
+    image[~image_present] = 0.0
+    tokens[~text_present] = PAD_TOKEN
+    logmel[~audio_present] = 0.0
+    prosody[~audio_present] = 0.0
+    return {
+        "image": image.reshape(n, size, size, 1),
+        "tokens": tokens,
+        "logmel": logmel.reshape(n, spec.n_frames, spec.n_mels),
+        "prosody": prosody,
+        "image_present": image_present.astype(np.float32).reshape(n, 1),
+        "text_present": text_present.astype(np.float32).reshape(n, 1),
+        "audio_present": audio_present.astype(np.float32).reshape(n, 1),
+    }
+
+
+def n_records(X: dict[str, np.ndarray]) -> int:
+    """Number of records in a named-input dict."""
+    return len(X["image_present"])
+
+
+def presence(X: dict[str, np.ndarray]) -> np.ndarray:
+    """(N, 3) bool: which of image, text, audio each record carries."""
+    return np.concatenate([X[presence_key(m)] for m in MODALITIES], axis=1) > 0.5
+
+
+def mask_modalities(X: dict[str, np.ndarray], keep: Iterable[str]) -> dict[str, np.ndarray]:
+    """A copy of ``X`` where only the ``keep`` modalities stay present (for single-modality evaluation).
+
+    The dropped modalities get mask 0 and zeroed arrays, exactly like a record that never had them.
+    """
+    keep = set(keep)
+    unknown = keep - set(MODALITIES)
+    if unknown:
+        raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {MODALITIES}")
+    out = {name: np.array(value, copy=True) for name, value in X.items()}
+    for modality in MODALITIES:
+        if modality in keep:
+            continue
+        out[presence_key(modality)][:] = 0.0
+        for name in MODALITY_INPUTS[modality]:
+            out[name][:] = PAD_TOKEN if out[name].dtype == object else 0
+    return out
+
+
+def subset(X: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows ``index`` (bool mask or integer positions) of every named input."""
+    return {name: value[index] for name, value in X.items()}
+
+
+def concat_inputs(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack several named-input dicts row-wise."""
+    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}

@@ -1,0 +1,127 @@
+"""Classification metrics, calibration error and report plots (PNG, written atomically)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, recall_score
+
+from affectloop.io import atomic_path
+
+
+def expected_calibration_error(y_true_idx: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
+    """ECE: the confidence-weighted gap between confidence and accuracy over ``n_bins`` equal-width bins."""
+    proba = np.asarray(proba, dtype=np.float64)
+    y_true_idx = np.asarray(y_true_idx, dtype=int)
+    if len(y_true_idx) == 0:
+        return 0.0
+    confidence = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y_true_idx).astype(np.float64)
+    # Bin i holds confidences in (edges[i], edges[i+1]]; confidence 0 cannot occur with >= 2 classes.
+    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def evaluate(y_true: Sequence[str], proba: np.ndarray, labels: Sequence[str]) -> dict:
+    """Macro/weighted F1, accuracy, unweighted average recall, per-class report, ECE, confusion, n.
+
+    ``proba`` columns follow ``labels``; labels absent from ``y_true`` still appear in the
+    confusion matrix (as rows of zeros) so matrices from different runs line up.
+    """
+    labels = [str(label) for label in labels]
+    index = {label: i for i, label in enumerate(labels)}
+    y_idx = np.array([index[str(v)] for v in y_true], dtype=int)
+    proba = np.asarray(proba, dtype=np.float64)
+    if len(y_idx) == 0:
+        return {"n": 0, "macro_f1": float("nan"), "weighted_f1": float("nan"), "accuracy": float("nan"),
+                "uar": float("nan"), "ece": float("nan"), "per_class": {}, "confusion": []}
+    pred_idx = proba.argmax(axis=1)
+    present = sorted(set(y_idx.tolist()))
+    all_idx = list(range(len(labels)))
+    return {
+        "n": int(len(y_idx)),
+        # Averaged over the classes present in y_true: an absent class has no recall to average.
+        "macro_f1": float(f1_score(y_idx, pred_idx, labels=present, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_idx, pred_idx, labels=present, average="weighted", zero_division=0)),
+        "accuracy": float(accuracy_score(y_idx, pred_idx)),
+        "uar": float(recall_score(y_idx, pred_idx, labels=present, average="macro", zero_division=0)),
+        "ece": expected_calibration_error(y_idx, proba),
+        "per_class": classification_report(
+            y_idx, pred_idx, labels=all_idx, target_names=labels, output_dict=True, zero_division=0
+        ),
+        "confusion": confusion_matrix(y_idx, pred_idx, labels=all_idx).tolist(),
+    }
+
+
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers or workers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion_matrix(cm: np.ndarray | list, labels: Sequence[str], path: str | os.PathLike,
+                          title: str = "Confusion matrix") -> Path:
+    """Row-normalised confusion matrix (counts annotated) as a PNG at ``path``."""
+    plt = _pyplot()
+    cm = np.asarray(cm, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    normalised = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(labels), 0.8 + 0.8 * len(labels)))
+    ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
+                    color="white" if normalised[i, j] > 0.5 else "black", fontsize=8)
+    return _save_figure(fig, path)
+
+
+def plot_learning_curve(history: Mapping[str, Sequence[float]] | Sequence[Mapping[str, float]],
+                        path: str | os.PathLike, x_key: str = "epoch", title: str = "Learning curve") -> Path:
+    """Line plot of every numeric series in ``history``.
+
+    Accepts a Keras-style history (``{"loss": [...], "val_loss": [...]}``, x = epoch) or a
+    list of rows (``[{"n_labels": 70, "macro_f1": 0.31}, ...]``, x = ``x_key``).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if isinstance(history, Mapping):
+        for name, values in history.items():
+            ax.plot(range(1, len(values) + 1), list(values), label=name)
+        ax.set_xlabel("epoch")
+    else:
+        rows = list(history)
+        keys = [k for k in (rows[0] if rows else {}) if k != x_key and isinstance(rows[0][k], (int, float))]
+        xs = [row.get(x_key, i) for i, row in enumerate(rows)]
+        for key in keys:
+            ax.plot(xs, [row[key] for row in rows], marker="o", label=key)
+        ax.set_xlabel(x_key)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save_figure(fig, path)
