@@ -71,6 +71,16 @@ def _exit_codes() -> Iterator[None]:
 
 
 @contextmanager
+def _prefect_after_preflight(settings: Settings) -> Iterator[None]:
+    """Check the source first (a bad manifest fails in a second, not after a cluster start)."""
+    from tasks.ingest import preflight_source
+
+    preflight_source(settings.source)
+    with _prefect(settings):
+        yield
+
+
+@contextmanager
 def _prefect(settings: Settings) -> Iterator[None]:
     """A real Prefect API for the run: the configured one, or a local server for its duration."""
     from affectloop.services import prefect_api
@@ -118,7 +128,7 @@ def build(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot,
     """Nightly build: ingest, features (Dask), score, select, write scores/ and rejects/, push."""
     settings = _settings(source=source, data_root=data_root, annotation_budget=budget,
                          selection_strategy=strategy, dask_address=dask_address)
-    with _exit_codes(), _prefect(settings):
+    with _exit_codes(), _prefect_after_preflight(settings):
         from flows.nightly_build import nightly_build
 
         _with_runner(nightly_build, settings)(
@@ -169,7 +179,7 @@ def loop(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot,
 
             with console.status(f"generating {n} demo records in {settings.source}…"):
                 generate_demo(settings.source, n=n, seed=settings.seed)
-        with _prefect(settings):
+        with _prefect_after_preflight(settings):
             from flows.loop import loop as loop_flow
 
             _with_runner(loop_flow, settings)(

@@ -111,6 +111,23 @@ def find_manifest(source: str | Path) -> Path:
     return found[0]
 
 
+def preflight_source(source: str | Path) -> Path:
+    """Fail fast on a source that is unusable as a whole: find its manifest and read the first row.
+
+    Raises ManifestError (no manifest, several, empty, wrong format for the extension, no
+    record_id column) before any cluster or server is started. Returns the manifest path.
+    """
+    manifest = find_manifest(source)
+    rows = iter_manifest_rows(manifest)
+    try:
+        next(rows)
+    except StopIteration:
+        raise ManifestError(f"{manifest}: the manifest is empty") from None
+    finally:
+        rows.close()
+    return manifest
+
+
 def iter_manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """Yield ``(row_number, row)`` one at a time; ``row`` is a dict, or a string saying why it is not one.
 
