@@ -9,9 +9,11 @@ Only paths and counts travel through the flow process; its memory does not grow 
 number of records. A fully cached rerun submits no feature task at all, so it does not pay
 for starting workers and importing the preprocessing stack there. Feature tasks start once
 validation has finished (their input is the validated records file); with many partitions
-per worker that barrier costs at most one partition's time. The stages are plain functions (:func:`run_ingest_and_features`,
-:func:`run_features`) that any flow can call inside its own run, so the nightly build
-composes them with scoring without going through a subflow.
+per worker that barrier costs at most one partition's time.
+
+The stages are plain functions (:func:`run_ingest_and_features`, :func:`run_features`) that
+any flow can call inside its own run, so the nightly build composes them with scoring
+without going through a subflow.
 
 Run it: ``python -m flows.features --source DIR --data-root DIR`` (the task runner is
 built from the settings: ``AFFECTLOOP_DASK_ADDRESS`` for an existing scheduler, otherwise a

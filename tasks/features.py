@@ -230,11 +230,11 @@ def _with_run_id(rejects: pa.Table, run_id: str) -> pa.Table:
 
 def _reusable_rows(namespace_dir: Path, pointer: Path, wanted: pa.Array) -> pa.Table | None:
     """Rows of the partition's previous version whose (record_id, content_hash) is in ``wanted``."""
-    previous = read_json(pointer)
-    if not previous:
+    try:
+        path = namespace_dir / read_json(pointer)["features"]
+    except (TypeError, KeyError, ValueError):  # no pointer yet (None), or not one we wrote
         return None
-    path = namespace_dir / previous["features"]
-    if not path.exists():
+    if not path.is_file():
         return None
     table = pq.read_table(path)
     keys = pc.binary_join_element_wise(table["record_id"], table["content_hash"], "\t")

@@ -37,7 +37,7 @@ def prefect_api():
 
 
 @pytest.fixture(scope="module")
-def demo_source(tmp_path_factory) -> Path:
+def small_demo_source(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "source"
     generate_demo(out, n=N_RECORDS, seed=3)
     return out
@@ -76,7 +76,7 @@ def _features(paths: list[str]) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in paths]).sort_by("record_id")
 
 
-def test_external_scheduler_gives_the_local_cluster_outputs(prefect_api, demo_source, dask_cluster, tmp_path):
+def test_external_scheduler_gives_the_local_cluster_outputs(prefect_api, small_demo_source, dask_cluster, tmp_path):
     from distributed import Client
 
     from flows.features import build_features, with_runner
@@ -86,7 +86,7 @@ def test_external_scheduler_gives_the_local_cluster_outputs(prefect_api, demo_so
         root = tmp_path / name
         settings = get_settings(data_root=root, partition_size=PARTITION_SIZE, **overrides)
         results[name] = with_runner(build_features, settings)(
-            source=str(demo_source), data_root=str(root), partition_size=PARTITION_SIZE, run_id=name)
+            source=str(small_demo_source), data_root=str(root), partition_size=PARTITION_SIZE, run_id=name)
 
     external, local = results["external"], results["local"]
     assert external["partitions"] == local["partitions"] == N_RECORDS // PARTITION_SIZE

@@ -191,3 +191,32 @@ def test_lookup_cached_misses_without_writing_and_hits_after_a_run(env):
     assert hit is not None and hit.features_path == first.features_path
     assert (hit.n_in, hit.n_ok, hit.n_cached) == (6, 6, 6)
     assert hit.rejects_path.parent == run_dir / "rejects" and hit.rejects_path.exists()
+
+
+def test_real_records_from_realmix(realmix_dir, tmp_path):
+    """Real faces, speech and utterances: every record featurised, speech pitch in the human range."""
+    rows = [json.loads(line) for line in (realmix_dir / "manifest.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("audio")][:12] + [r for r in rows if not r.get("audio") and r.get("image")][:12]
+    records = []
+    for row in rows:
+        image = (realmix_dir / row["image"]).read_bytes() if row.get("image") else None
+        audio = (realmix_dir / row["audio"]).read_bytes() if row.get("audio") else None
+        records.append({"record_id": row["record_id"], "text": row.get("text"), "image": row.get("image"),
+                        "audio": row.get("audio"), "label": row.get("label"), "has_image": image is not None,
+                        "has_text": row.get("text") is not None, "has_audio": audio is not None,
+                        "content_hash": content_hash(row.get("text"), image, audio), "metadata": None})
+    from affectloop.schemas import RECORDS_SCHEMA
+
+    path = tmp_path / "records" / "part-00000.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(records, schema=RECORDS_SCHEMA), path)
+    result = F.extract_features(path, realmix_dir, tmp_path / "features", tmp_path / "run", "real")
+    assert (result.n_ok, result.n_rejected) == (len(records), 0)
+    table = pq.read_table(result.features_path)
+    audio = table.filter(table["has_audio"])
+    prosody = F.array_column(audio, "prosody", (SPEC.n_prosody,))
+    f0_mean = prosody[:, SPEC.prosody_names.index("f0_mean")]
+    assert len(audio) == 12 and ((f0_mean > 80) & (f0_mean < 400)).all()
+    assert np.isfinite(F.array_column(audio, "logmel", (SPEC.n_frames, SPEC.n_mels))).all()
+    detectors = table.filter(table["has_image"])["face_detector"].to_pylist()
+    assert "haar" in detectors  # FER2013 crops: the cascade finds some, the rest are centred already

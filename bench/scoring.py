@@ -1,0 +1,123 @@
+"""Benchmark of the scoring stage: features Parquet in, scores Parquet out, vs bare predict.
+
+    python bench/scoring.py [--n 4000] [--partition-size 1000] [--repeats 5]
+
+Setup (not timed): N demo records are generated, ingested and featurised into a scratch
+data root, and a fusion model is trained for a few epochs and registered. Then, in this
+one process and alternating the two so that load on the machine hits both alike:
+
+- ``predict``: the Keras model's bare ``predict`` on the same inputs already in memory
+  (a tf.data pipeline over in-memory tensors), with the estimator's prediction batch size;
+- ``scoring``: ``tasks.score.score_partition`` over every features partition — read the
+  Parquet, build the named inputs, predict calibrated probabilities and the fused
+  embedding, compute confidence/entropy/margin, write the scores Parquet atomically —
+  with the model already loaded (a Dask worker keeps it cached by version).
+
+It prints the median of ``--repeats`` timings of each and the ratio of their throughputs.
+Last line of stdout: ``{"scoring_vs_predict": …, "records_per_s": …}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import affectloop.quiet  # noqa: E402,F401
+
+
+def setup(n: int, partition_size: int, workdir: Path) -> tuple[list[Path], Path, str]:
+    """Demo source → features partitions → a registered model. Returns (features paths, models dir, version)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from affectloop.demo import generate_demo
+    from affectloop.settings import DEFAULT_LABELS
+    from flows.loop import true_labels
+    from model.estimator import FusionClassifier
+    from model.inputs import arrays_from_features
+    from model.registry import ModelRegistry
+    from tasks.features import extract_features
+    from tasks.ingest import find_manifest, ingest_local
+
+    source = workdir / "source"
+    if not (source / "manifest.jsonl").exists():
+        generate_demo(source, n=n, seed=11)
+    scratch = workdir / "data" / "runs" / "bench"
+    ingest_local(source, scratch, run_id="bench", partition_size=partition_size)
+    records = sorted((scratch / "records").glob("*.parquet"))
+    root = find_manifest(source).parent
+    features = [extract_features(p, root, workdir / "data" / "features", scratch, "bench").features_path
+                for p in records]
+    truth = true_labels([str(p) for p in records])
+    train = pq.read_table(features[0])
+    y = np.array([truth[r] for r in train.column("record_id").to_pylist()], dtype=object)
+    model = FusionClassifier(labels=DEFAULT_LABELS, epochs=3, seed=1).fit(arrays_from_features(train), y)
+    registry = ModelRegistry(workdir / "data" / "models")
+    version = registry.register(model, metrics={"macro_f1": 0.0}, training_data_hash="bench", params={})
+    return features, workdir / "data" / "models", version
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--partition-size", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "scoring")
+    args = parser.parse_args()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from affectloop.settings import DEFAULT_LABELS
+    from model.estimator import _dataset, _model_inputs
+    from model.inputs import arrays_from_features
+    from tasks.score import load_model_cached, score_partition
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    features, models_dir, version = setup(args.n, args.partition_size, args.workdir)
+    estimator = load_model_cached(models_dir, version)
+    n_records = sum(pq.ParquetFile(p).metadata.num_rows for p in features)
+    in_memory = _dataset(_model_inputs(arrays_from_features(pa.concat_tables([pq.read_table(p) for p in features]))))
+    out_dir = args.workdir / "scores"
+
+    def bare_predict() -> float:
+        start = time.perf_counter()
+        estimator.model_.predict(in_memory, verbose=0)
+        return time.perf_counter() - start
+
+    def scoring_stage() -> float:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        start = time.perf_counter()
+        for i, path in enumerate(features):
+            score_partition(path, models_dir, version, "bench", out_dir / f"part-{i:05d}.parquet", DEFAULT_LABELS)
+        return time.perf_counter() - start
+
+    bare_predict(), scoring_stage()  # warm-up: graph tracing, file cache
+    predict_s, scoring_s = [], []
+    for _ in range(args.repeats):
+        predict_s.append(bare_predict())
+        scoring_s.append(scoring_stage())
+    p_med, s_med = statistics.median(predict_s), statistics.median(scoring_s)
+    ratio = p_med / s_med  # throughput ratio = (n / scoring) / (n / predict)
+
+    print(f"scoring benchmark: {n_records} records in {len(features)} partitions, model {version}, "
+          f"{args.repeats} repeats (median)")
+    print(f"{'what':<34}{'seconds':>10}{'records/s':>12}")
+    print(f"{'bare model.predict (in memory)':<34}{p_med:>10.3f}{n_records / p_med:>12.0f}")
+    print(f"{'scoring stage (Parquet → Parquet)':<34}{s_med:>10.3f}{n_records / s_med:>12.0f}")
+    print(f"scoring / bare predict throughput: {ratio:.2f} (target ≥ 0.80)")
+    print(json.dumps({"scoring_vs_predict": round(ratio, 3), "records_per_s": round(n_records / s_med, 1),
+                      "predict_records_per_s": round(n_records / p_med, 1), "n": n_records}))
+
+
+if __name__ == "__main__":
+    main()
