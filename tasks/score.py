@@ -97,12 +97,16 @@ def score_partition(features_path: str | Path, models_dir: str | Path, model_ver
         raise ValueError(f"model {model_version} predicts {list(model.classes_)}, the label set is {list(labels)}")
     table = pq.read_table(features_path)
     X = arrays_from_features(table)
-    proba = model.predict_proba(X) if table.num_rows else np.zeros((0, len(labels)))
+    if table.num_rows == 0:
+        proba, emb = np.zeros((0, len(labels))), np.zeros((0, 1), np.float32)
+    elif with_embeddings:
+        proba, emb = model.predict_proba_and_embed(X)  # one forward pass for both
+    else:
+        proba, emb = model.predict_proba(X), None
     presence = {m: table.column(f"has_{m}").to_numpy(zero_copy_only=False) for m in ("image", "text", "audio")}
     out = scores_table(table.column("record_id").to_pylist(), proba, presence, labels, model_version, run_id,
                        scored_at or datetime.now(timezone.utc))
     if with_embeddings:
-        emb = model.embed(X) if table.num_rows else np.zeros((0, 1), np.float32)
         dim = int(emb.shape[1]) if emb.ndim == 2 else 1
         flat = pa.array(np.asarray(emb, np.float32).reshape(-1), pa.float32())
         out = out.append_column(EMBEDDING_COLUMN, pa.FixedSizeListArray.from_arrays(flat, dim))
