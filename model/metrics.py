@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, recall_score
@@ -59,6 +59,38 @@ def evaluate(y_true: Sequence[str], proba: np.ndarray, labels: Sequence[str]) ->
         ),
         "confusion": confusion_matrix(y_idx, pred_idx, labels=all_idx).tolist(),
     }
+
+
+def evaluate_by_modality(predict_proba: Callable[[dict], np.ndarray], X: dict[str, np.ndarray],
+                         y: Sequence[str], labels: Sequence[str]) -> dict[str, dict]:
+    """``evaluate`` for each view of a multimodal test set, to show what fusion adds.
+
+    Views: ``image``/``text``/``audio`` (records with that modality, the others masked
+    out), ``fused`` (all records, all their modalities), ``trimodal`` (records with all
+    three), ``<modality>_trimodal`` (those records with one modality kept) and
+    ``best_single_trimodal`` (the best of the three by macro-F1). Views with no records
+    are left out. ``predict_proba`` takes named inputs (``model.inputs``).
+    """
+    from model.inputs import MODALITIES, mask_modalities, presence, subset
+
+    y = np.asarray(y, dtype=object)
+    present = presence(X)
+    trimodal = present.all(axis=1)
+    views: dict[str, dict] = {}
+    for j, modality in enumerate(MODALITIES):
+        rows = present[:, j]
+        if rows.any():
+            views[modality] = evaluate(y[rows], predict_proba(mask_modalities(subset(X, rows), [modality])), labels)
+        if trimodal.any():
+            single = mask_modalities(subset(X, trimodal), [modality])
+            views[f"{modality}_trimodal"] = evaluate(y[trimodal], predict_proba(single), labels)
+    if len(y):
+        views["fused"] = evaluate(y, predict_proba(X), labels)
+    if trimodal.any():
+        views["trimodal"] = evaluate(y[trimodal], predict_proba(subset(X, trimodal)), labels)
+        best = max(MODALITIES, key=lambda m: views[f"{m}_trimodal"]["macro_f1"])
+        views["best_single_trimodal"] = {**views[f"{best}_trimodal"], "modality": best}
+    return views
 
 
 def _save_figure(fig, path: str | os.PathLike) -> Path:

@@ -158,11 +158,11 @@ class ModelRegistry:
                        production_metrics: dict[str, Any] | None = None) -> tuple[bool, str]:
         """Promote when the candidate's holdout macro-F1 >= production's - ``margin``.
 
-        Always true when nothing is in production, or when production's card cannot be
-        read (a damaged production should not block a working candidate).
-        The caller is responsible for both figures coming from the same frozen holdout:
-        pass ``production_metrics`` measured on today's holdout; without them the
-        production card's figures are used.
+        ``production_metrics``: production re-evaluated on the same holdout as the
+        candidate (preferred: the holdout can grow between runs); without it, the metrics
+        on production's card are used. Always true when nothing is in production, or when
+        production's figure cannot be read (a damaged production should not block a
+        working candidate).
         """
         candidate = _macro_f1(candidate_metrics)
         if candidate is None:
@@ -171,18 +171,18 @@ class ModelRegistry:
         if version is None:
             return True, f"no production model yet; candidate macro-F1 {candidate:.4f}"
         if production_metrics is not None:
-            production = _macro_f1(production_metrics)
+            production, source = _macro_f1(production_metrics), "re-evaluated on this holdout"
         else:
             try:
-                production = _macro_f1(self.card(version).get("metrics", {}))
+                production, source = _macro_f1(self.card(version).get("metrics", {})), "from its model card"
             except (ModelLoadError, ValueError) as exc:
                 return True, f"production {version} has no readable card ({exc}); candidate macro-F1 {candidate:.4f}"
         if production is None:
-            return True, f"production {version} card has no macro_f1; candidate macro-F1 {candidate:.4f}"
+            return True, f"production {version} has no macro_f1 ({source}); candidate macro-F1 {candidate:.4f}"
         verdict = candidate >= production - margin
         relation = ">=" if verdict else "<"
         return verdict, (f"candidate macro-F1 {candidate:.4f} {relation} production {version} "
-                         f"{production:.4f} - margin {margin:.4f}")
+                         f"{production:.4f} ({source}) - margin {margin:.4f}")
 
     def promote(self, version: str) -> None:
         """Point ``PRODUCTION`` at ``version`` (atomic). The version must be complete."""

@@ -320,6 +320,9 @@ def test_registry_register_promote_and_refuse_worse(fitted, data, tmp_path):
     assert registry.should_promote({"macro_f1": 0.29}, margin=0.0)[0] is False
     assert registry.should_promote({"macro_f1": 0.29}, margin=0.02)[0] is True
     assert registry.should_promote({"macro_f1": 0.31}, margin=0.0)[0] is True
+    # Production re-evaluated on today's holdout takes precedence over its card.
+    assert registry.should_promote({"macro_f1": 0.31}, 0.0, production_metrics={"macro_f1": 0.35})[0] is False
+    assert registry.should_promote({"macro_f1": 0.29}, 0.0, production_metrics={"macro_f1": 0.20})[0] is True
     v2 = registry.register(fitted, {"macro_f1": 0.25}, training_data_hash="def", params={})
     assert v2 != v1 and registry.versions() == [v1, v2]
     ok, reason = registry.should_promote(registry.card(v2)["metrics"], margin=0.01)
