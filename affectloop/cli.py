@@ -151,7 +151,7 @@ def sync(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot) -
 @app.command()
 def retrain(data_root: Optional[Path] = DataRoot,
             min_new_labels: int = typer.Option(0, help="skip unless this many labels arrived since the last retrain"),
-            epochs: int = typer.Option(30), fusion: str = typer.Option("gated", help="concat | weighted | gated"),
+            epochs: int = typer.Option(30), fusion: str = typer.Option("concat", help="concat | weighted | gated (concat won on realmix validation)"),
             margin: Optional[float] = typer.Option(None, help="promotion margin on holdout macro-F1")) -> None:
     """Retrain on gold + annotated labels; promote only if not worse on the frozen holdout."""
     settings = _settings(data_root=data_root)

@@ -137,7 +137,7 @@ def print_rounds(rows: list[dict[str, Any]], console: Console | None = None) -> 
 
 @flow(name="affectloop-loop", task_runner=make_task_runner(get_settings()), log_prints=True)
 def loop(source: str | None = None, data_root: str | None = None, rounds: int = 2, demo: bool = False,
-         annotators: int = 1, error_rate: float = 0.1, epochs: int = 30, fusion: str = "gated",
+         annotators: int = 1, error_rate: float = 0.1, epochs: int = 30, fusion: str = "concat",
          annotation_budget: int | None = None) -> dict[str, Any]:
     """Run the whole labeling loop ``rounds`` times."""
     settings = get_settings(source=source, data_root=data_root, annotation_budget=annotation_budget)

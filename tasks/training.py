@@ -78,7 +78,7 @@ class RetrainResult:
 
 
 def retrain(labels_dir: str | Path, features_dir: str | Path, models_dir: str | Path, reports_dir: str | Path,
-            labels: Sequence[str], prep_version: str | None = None, fusion: str = "gated", epochs: int = 30,
+            labels: Sequence[str], prep_version: str | None = None, fusion: str = "concat", epochs: int = 30,
             margin: float = 0.0, holdout_fraction: float = 0.2, min_train: int = 20, seed: int = 13,
             promote: bool = True) -> RetrainResult:
     """Fit a candidate on the non-holdout labels, evaluate against production on the holdout,
