@@ -29,8 +29,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -38,8 +38,8 @@ install: $(STAMP)
 
 $(LS_STAMP):
 	$(PYTHON) -m venv $(LS_VENV)
-	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LS_VENV)/bin/python -m pip install -q 'label-studio==$(LS_VERSION)'
+	$(LS_VENV)/bin/python -m pip install -qq --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -qq 'label-studio==$(LS_VERSION)'
 	rm -f $(LS_VENV)/.installed-*
 	touch $@
 
