@@ -106,6 +106,9 @@ def run_loop(settings: Settings, rounds: int, demo: bool, annotators: int, error
             built = run_nightly_build(settings, run_date, push_to_label_studio=True)
             stage.counts = {"scored": built["scored"], "selected": built["selected"]}
             stage.note = f"model {built['model_version']}"
+        stopping = _stopping_signal(settings, built["run_id"])
+        if stopping is not None and per_round:
+            per_round[-1]["stopping_kappa"] = stopping["kappa_average"]
 
     report.facts["production model"] = production_version(settings) or "none"
     report.outputs["scores"] = str(settings.scores_dir)
@@ -119,19 +122,44 @@ def run_loop(settings: Settings, rounds: int, demo: bool, annotators: int, error
             "stages": report.table_rows()}
 
 
+def _stopping_signal(settings: Settings, run_id: str) -> dict | None:
+    """Update the stopping signal with this round's predictions; publish it as an artifact."""
+    from tasks.select import update_stopping_signal
+
+    parts = sorted(str(p) for p in (settings.runs_dir / run_id / "scores").glob("*.parquet"))
+    if not parts:
+        return None
+    summary = update_stopping_signal(parts, settings.state_dir / "stopping_signal.json")
+    value = summary["kappa_average"]
+    text = (f"## Stopping signal\n\nKappa between consecutive rounds' predictions on a fixed sample of "
+            f"{summary['sample_size']} records, averaged over the last {summary['window']} rounds: "
+            f"**{'n/a (first round)' if value is None else f'{value:.3f}'}** (stop at {summary['threshold']}; "
+            f"{'stop: more labels change little' if summary['should_stop'] else 'keep labeling'}).\n\n"
+            f"History: {', '.join(f'{k:.3f}' for k in summary['history']) or '—'}\n")
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(text, key="stopping-signal", description="active-learning stopping signal")
+    except Exception:
+        pass
+    return summary
+
+
 def _records_paths(settings: Settings, run_id: str) -> list[str]:
     return sorted(str(p) for p in (settings.runs_dir / run_id / "records").glob("*.parquet"))
 
 
 def print_rounds(rows: list[dict[str, Any]], console: Console | None = None) -> None:
     table = Table(title="macro-F1 on the frozen holdout, per round", title_justify="left")
-    for column in ("round", "labels", "model", "promoted", "macro-F1", "production before"):
+    for column in ("round", "labels", "model", "promoted", "macro-F1", "production before", "stopping kappa"):
         table.add_column(column)
     for row in rows:
         f1 = row["macro_f1"]
         prod = row["production_macro_f1"]
+        kappa = row.get("stopping_kappa")
         table.add_row(str(row["round"]), str(row["labels"]), str(row["model"]), "yes" if row["promoted"] else "no",
-                      f"{f1:.3f}" if f1 is not None else "—", f"{prod:.3f}" if prod is not None else "—")
+                      f"{f1:.3f}" if f1 is not None else "—", f"{prod:.3f}" if prod is not None else "—",
+                      f"{kappa:.3f}" if kappa is not None else "—")
     (console or Console()).print(table)
 
 

@@ -134,3 +134,33 @@ def select_for_annotation(record_parts: Sequence[str | Path], budget: int, out_p
 
 
 select_for_annotation_task = task(select_for_annotation, name="select-for-annotation")
+
+
+STOPPING_SAMPLE_SIZE = 500
+
+
+def update_stopping_signal(score_parts: Sequence[str | Path], state_path: str | Path,
+                           sample_size: int = STOPPING_SAMPLE_SIZE) -> dict:
+    """Feed this round's predictions on a fixed sample to the stopping signal (kept in ``state/``).
+
+    The sample is drawn once (a hash of the record ids, ``model.selection.stable_sample``)
+    and kept in the state, so every round compares predictions on the same records. If a
+    later run no longer scores all of them (another source), the signal starts over.
+    """
+    from affectloop.io import atomic_write_json, read_json
+    from model.selection import StabilizingPredictions, stable_sample
+
+    table = pa.concat_tables([pq.read_table(p, columns=["record_id", "predicted_label"]) for p in score_parts])
+    predicted = dict(zip(table.column("record_id").to_pylist(),
+                         table.column("predicted_label").cast(pa.string()).to_pylist()))
+    state = read_json(state_path) or {}
+    sample = state.get("sample_ids")
+    if not sample or not all(rid in predicted for rid in sample):
+        ids = sorted(predicted)
+        sample = [ids[i] for i in stable_sample(ids, min(sample_size, len(ids)))]
+        signal = StabilizingPredictions()
+    else:
+        signal = StabilizingPredictions.from_state(state["signal"])
+    signal.update([predicted[rid] for rid in sample])
+    atomic_write_json(state_path, {"sample_ids": sample, "signal": signal.to_state()})
+    return signal.summary() | {"sample_size": len(sample)}

@@ -44,3 +44,26 @@ def test_scores_match_the_models_predictions(scored):
 def test_the_model_is_loaded_once_per_process(scored):
     _, _, models_dir, version = scored
     assert load_model_cached(models_dir, version) is load_model_cached(models_dir, version)
+
+
+def test_stopping_signal_compares_the_same_sample_every_round(tmp_path):
+    from datetime import datetime, timezone
+
+    from affectloop.io import write_parquet
+    from tasks.score import scores_table
+    from tasks.select import update_stopping_signal
+
+    rng = np.random.default_rng(0)
+    ids = [f"r{i:03d}" for i in range(60)]
+    presence = {m: np.ones(60, bool) for m in ("image", "text", "audio")}
+    proba = rng.dirichlet(np.ones(len(DEFAULT_LABELS)), 60)
+    flipped = proba[:, ::-1]  # every prediction changes
+    state = tmp_path / "stopping.json"
+    summaries = []
+    for i, p in enumerate([proba, proba, flipped]):
+        part = tmp_path / f"round{i}.parquet"
+        write_parquet(scores_table(ids, p, presence, DEFAULT_LABELS, "v1", f"run{i}", datetime.now(timezone.utc)), part)
+        summaries.append(update_stopping_signal([part], state, sample_size=25))
+    assert summaries[0]["kappa_average"] is None and summaries[0]["sample_size"] == 25
+    assert summaries[1]["history"] == [1.0]
+    assert summaries[2]["history"][1] < 0.5 and not summaries[2]["should_stop"]
