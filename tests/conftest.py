@@ -15,6 +15,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from affectloop.services import free_port, stop_process  # noqa: E402
 from affectloop.settings import DEFAULT_LABELS, Limits  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -149,3 +152,36 @@ def realmix_dir() -> Path:
     if not (REALMIX_DIR / "manifest.jsonl").is_file():
         pytest.skip(f"real data not available at {REALMIX_DIR}")
     return REALMIX_DIR
+
+
+# ---------------------------------------------------------------------------------- a real Dask cluster
+
+
+def _start_dask(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, DASK_LOGGING__DISTRIBUTED="warning", PYTHONPATH=str(REPO_ROOT))
+    with open(log, "ab") as handle:
+        return subprocess.Popen([sys.executable, "-m", "dask", *args], cwd=REPO_ROOT, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """A real ``dask scheduler`` + two ``dask worker`` processes (each under a nanny) on loopback;
+    yields the scheduler address and stops them by process id."""
+    from distributed import Client
+
+    scratch = tmp_path_factory.mktemp("dask")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    procs = [_start_dask(["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                     "--no-dashboard"], scratch / "scheduler.log")]
+    try:
+        for i in range(2):
+            procs.append(_start_dask(["worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
+                                 "--no-dashboard", "--local-directory", str(scratch / f"w{i}")],
+                                scratch / f"worker{i}.log"))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)

@@ -8,8 +8,6 @@ i.e. ``AFFECTLOOP_DASK_ADDRESS``) and against the default loopback LocalCluster,
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from affectloop.demo import generate_demo
-from affectloop.services import free_port, stop_process
 from affectloop.settings import get_settings
 
 pytestmark = pytest.mark.service
@@ -41,35 +38,6 @@ def small_demo_source(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "source"
     generate_demo(out, n=N_RECORDS, seed=3)
     return out
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, DASK_LOGGING__DISTRIBUTED="warning", PYTHONPATH=str(REPO))
-    with open(log, "ab") as handle:
-        return subprocess.Popen([sys.executable, "-m", "dask", *args], cwd=REPO, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-@pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory):
-    """``dask scheduler`` + two ``dask worker`` processes on loopback; yields the scheduler address."""
-    from distributed import Client
-
-    scratch = tmp_path_factory.mktemp("dask")
-    address = f"tcp://127.0.0.1:{free_port()}"
-    procs = [_start(["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                     "--no-dashboard"], scratch / "scheduler.log")]
-    try:
-        for i in range(2):
-            procs.append(_start(["worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
-                                 "--no-dashboard", "--local-directory", str(scratch / f"w{i}")],
-                                scratch / f"worker{i}.log"))
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=90)
-        yield address
-    finally:
-        for proc in reversed(procs):
-            stop_process(proc)
 
 
 def _features(paths: list[str]) -> pa.Table:

@@ -62,35 +62,6 @@ def prefect_api_url():
         yield PREFECT_API_URL.value()
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, DASK_LOGGING__DISTRIBUTED="error", PYTHONPATH=str(REPO))
-    with open(log, "ab") as handle:
-        return subprocess.Popen([sys.executable, "-m", "dask", *args], cwd=REPO, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-@pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory):
-    """``dask scheduler`` + two ``dask worker`` processes (each under a nanny that restarts it)."""
-    from distributed import Client
-
-    scratch = tmp_path_factory.mktemp("dask")
-    address = f"tcp://127.0.0.1:{free_port()}"
-    procs = [_start(["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
-                    scratch / "scheduler.log")]
-    try:
-        for i in range(2):
-            procs.append(_start(["worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
-                                 "--no-dashboard", "--local-directory", str(scratch / f"w{i}")],
-                                scratch / f"worker{i}.log"))
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
-        yield address
-    finally:
-        for proc in reversed(procs):
-            stop_process(proc)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A demo source and a data root holding a promoted tiny model and the source's features (the clean run)."""
