@@ -28,6 +28,7 @@ from typing import Any
 import requests
 from pydantic import SecretStr
 
+from affectloop.services import free_port  # noqa: F401  (one helper; re-exported here)
 from affectloop.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,6 @@ def resolve_credentials(data_root: str | os.PathLike, url: str | None = None,
         url=raw["url"].rstrip("/"), token=SecretStr(raw["token"]), source=str(path),
         username=raw.get("username"), password=SecretStr(raw["password"]) if raw.get("password") else None,
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (for tests and benchmarks)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
