@@ -1,8 +1,9 @@
 """affectloop: batch multimodal emotion recognition with an active-learning labeling loop.
 
-Layout (see README): ``model/`` is the machine learning, ``tasks/`` are units of work on
-one partition, ``flows/`` compose them with Prefect. This package holds what all three
-share: settings, data contracts (schemas) and atomic file I/O.
+The top floor of the tree (see README, *Architecture*): the ``affectloop`` command line,
+``affectloop status`` and the demo-data generator. Below it: ``flows/`` (Prefect flows
+that compose tasks), ``tasks/`` (units of work), ``model/`` (the machine learning) and
+``core/`` (settings, data contracts, the data-root layout, atomic I/O, process supervision).
 """
 
 __version__ = "0.1.0"

@@ -12,8 +12,6 @@ Every command prints a summary table at the end and exits with a code that means
 
 from __future__ import annotations
 
-import affectloop.quiet  # noqa: F401  (first: quiet TensorFlow/Prefect/Dask before they load)
-
 import json
 import sys
 from contextlib import contextmanager
@@ -22,10 +20,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from affectloop.settings import Settings, get_settings
+from core.quiet import apply as quiet_logs
+from core.settings import Settings, get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SOURCE, EXIT_LABEL_STUDIO, EXIT_MODEL = 0, 1, 2, 3, 4, 5
 
@@ -36,12 +36,36 @@ app.add_typer(labelstudio_app, name="labelstudio")
 console = Console()
 err = Console(stderr=True)
 
+
+@app.callback()
+def _quiet() -> None:
+    """Quiet TensorFlow, Prefect and Dask before any command imports them."""
+    quiet_logs()
+
+
 DataRoot = typer.Option(None, "--data-root", help="data root (default ./data, or AFFECTLOOP_DATA_ROOT)")
 Source = typer.Option(None, "--source", help="raw source folder with a manifest (or AFFECTLOOP_SOURCE)")
 
 
-def _settings(**overrides) -> Settings:
-    return get_settings(**overrides)
+def _settings(builds: bool = False, **overrides) -> Settings:
+    """Settings for a command; a value it cannot run with is a usage error (exit 2), before any work.
+    ``builds``: the command runs a nightly build, so its selection strategy must be runnable."""
+    try:
+        settings = get_settings(**overrides)
+        if builds:
+            from tasks.select import check_strategy
+
+            check_strategy(settings.selection_strategy)
+    except (ValueError, ValidationError) as exc:
+        err.print(f"[red]bad setting:[/] {_one_line(exc)}")
+        raise typer.Exit(EXIT_USAGE)
+    return settings
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return str(exc)
 
 
 @contextmanager
@@ -86,7 +110,7 @@ def _prefect(settings: Settings) -> Iterator[None]:
     from affectloop.services import prefect_api
 
     with console.status("starting a local Prefect API…", spinner="dots"):
-        cm = prefect_api(settings.state_dir / "prefect")
+        cm = prefect_api(settings.layout.prefect_home)
         cm.__enter__()
     try:
         yield
@@ -95,20 +119,25 @@ def _prefect(settings: Settings) -> Iterator[None]:
 
 
 def _with_runner(flow_obj, settings: Settings):  # noqa: ANN001, ANN202 (Prefect Flow in and out)
-    from flows.runner import make_task_runner
+    from flows.runner import with_runner
 
-    return flow_obj.with_options(task_runner=make_task_runner(settings))
+    return with_runner(flow_obj, settings)
 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("data/demo-source"), "--out", help="folder to (re)create"),
          n: int = typer.Option(2000, "-n", help="records"), seed: int = typer.Option(0, help="random seed"),
-         gold_fraction: float = typer.Option(0.10, help="share of records carrying a gold label")) -> None:
+         gold_fraction: float = typer.Option(0.10, help="share of records carrying a gold label"),
+         audio_fraction: float = typer.Option(0.67, help="share of records with audio"),
+         image_size: int = typer.Option(64, help="side of the drawn face images (pixels)"),
+         broken: bool = typer.Option(True, help="include the deliberately broken records"),
+         workers: int = typer.Option(1, help="processes (same output for any number)")) -> None:
     """Generate a demo source: drawn faces, synthetic speech, template texts, a few broken records."""
     from affectloop.demo import generate_demo
 
     with _exit_codes(), console.status(f"generating {n} demo records…"):
-        summary = generate_demo(out, n=n, seed=seed, gold_fraction=gold_fraction)
+        summary = generate_demo(out, n=n, seed=seed, gold_fraction=gold_fraction, audio_fraction=audio_fraction,
+                                image_size=image_size, broken=broken, workers=workers)
     table = Table(title=f"demo source → {out}", title_justify="left")
     for column in ("records", "image", "text", "audio", "gold", "broken on purpose"):
         table.add_column(column, justify="right")
@@ -126,7 +155,7 @@ def build(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot,
           dask_address: Optional[str] = typer.Option(None, help="existing Dask scheduler, e.g. tcp://host:8786")
           ) -> None:
     """Nightly build: ingest, features (Dask), score, select, write scores/ and rejects/, push."""
-    settings = _settings(source=source, data_root=data_root, annotation_budget=budget,
+    settings = _settings(builds=True, source=source, data_root=data_root, annotation_budget=budget,
                          selection_strategy=strategy, dask_address=dask_address)
     with _exit_codes(), _prefect_after_preflight(settings):
         from flows.nightly_build import nightly_build
@@ -172,7 +201,7 @@ def loop(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot,
          budget: Optional[int] = typer.Option(None, help="records sent to annotators per build"),
          epochs: int = typer.Option(30)) -> None:
     """The whole loop once: build, push, annotate (demo), sync, retrain, rescore."""
-    settings = _settings(source=source, data_root=data_root, annotation_budget=budget)
+    settings = _settings(builds=True, source=source, data_root=data_root, annotation_budget=budget)
     with _exit_codes():
         if demo_mode and not (Path(settings.source) / "manifest.jsonl").exists():
             from affectloop.demo import generate_demo
@@ -182,7 +211,7 @@ def loop(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot,
         with _prefect_after_preflight(settings):
             from flows.loop import loop as loop_flow
 
-            _with_runner(loop_flow, settings)(
+            loop_flow(
                 source=settings.source, data_root=str(settings.data_root), rounds=rounds, demo=demo_mode,
                 annotators=annotators, error_rate=error_rate, epochs=epochs,
                 annotation_budget=settings.annotation_budget)
@@ -196,7 +225,7 @@ def _print_labelstudio_hint(settings: Settings) -> None:
         server = LocalLabelStudio(settings.data_root, settings.label_studio_port)
         if server.status().get("running"):
             console.print(f"Label Studio is still running at {server.url} for you to annotate "
-                          f"(login in {settings.state_dir / 'labelstudio' / 'credentials.json'}); "
+                          f"(login in {settings.layout.labelstudio.credentials}); "
                           "stop it with [b]affectloop labelstudio stop[/b].")
 
 
@@ -211,7 +240,7 @@ def labelstudio_start(data_root: Optional[Path] = DataRoot, source: Optional[str
                                   document_root=Path(settings.source).resolve().parent)
         with console.status("starting Label Studio (first start runs migrations, ~30 s)…"):
             creds = server.start()
-        console.print(f"Label Studio at {creds.url}; admin login in {settings.state_dir / 'labelstudio' / 'credentials.json'}")
+        console.print(f"Label Studio at {creds.url}; admin login in {settings.layout.labelstudio.credentials}")
 
 
 @labelstudio_app.command("stop")

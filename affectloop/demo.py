@@ -1,6 +1,6 @@
 """Demo data: a raw source the project makes itself, with a learnable but noisy signal.
 
-``python -m affectloop.demo --out DIR -n 2000 --seed 0`` writes ``DIR/manifest.jsonl``,
+``affectloop demo --out DIR -n 2000 --seed 0`` writes ``DIR/manifest.jsonl``,
 ``DIR/images/*.png`` and ``DIR/audio/*.wav``. The same seed gives the same bytes.
 
 Each record has a true emotion (``true_label``, kept as metadata so the demo can play the
@@ -24,7 +24,6 @@ enough for perfect accuracy. A handful of records are broken on purpose (metadat
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
@@ -43,8 +42,8 @@ import soxr
 from PIL import Image, ImageDraw, ImageFilter
 from scipy.signal import lfilter
 
-from affectloop.io import publish_dir
-from affectloop.settings import DEFAULT_LABELS
+from core.io import publish_dir
+from core.schemas import DEFAULT_LABELS
 
 LABELS: tuple[str, ...] = DEFAULT_LABELS
 CANVAS = 256  # faces are drawn at 4x and downsampled: smooth strokes at 64 px
@@ -445,25 +444,3 @@ def _make_record(i: int, *, seed: int, speakers: Sequence[Speaker], defect_at: d
     if defect:
         row["demo_defect"] = defect
     return row
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m affectloop.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="source folder to (re)create")
-    parser.add_argument("-n", type=int, default=2000, help="manifest rows (default 2000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gold-fraction", type=float, default=0.10, help="share of records with a gold label")
-    parser.add_argument("--audio-fraction", type=float, default=0.67, help="share of records with audio")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--no-broken", action="store_true", help="leave out the deliberately broken records")
-    parser.add_argument("--workers", type=int, default=1, help="processes (same output for any number)")
-    args = parser.parse_args(argv)
-    summary = generate_demo(args.out, n=args.n, seed=args.seed, gold_fraction=args.gold_fraction,
-                            audio_fraction=args.audio_fraction, image_size=args.image_size, broken=not args.no_broken,
-                            workers=args.workers)
-    print(json.dumps(summary.as_dict()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

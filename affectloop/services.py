@@ -8,51 +8,12 @@ an API every Dask worker would start a temporary server of its own (about 20 s a
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "server") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not healthy at {url} after {timeout:.0f} s")
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM the process group we started, then SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+from core.processes import free_port, http_ok, start_process_group, stop_process, wait_healthy
 
 
 @contextmanager
@@ -64,19 +25,15 @@ def prefect_server(home: str | Path, port: int | None = None, timeout: float = 9
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_UI_ENABLED="false", PREFECT_UI_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "ab")
-    proc = subprocess.Popen(
+    proc = start_process_group(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--analytics-off", "--no-ui"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+         "--analytics-off", "--no-ui"], home / "server.log", env=env)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        wait_http_ok(f"{url}/health", timeout, proc, "prefect server")
+        wait_healthy(proc.pid, lambda: http_ok(f"{url}/health"), timeout, "prefect server")
         yield url
     finally:
         stop_process(proc)
-        log.close()
 
 
 @contextmanager

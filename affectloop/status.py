@@ -6,7 +6,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from affectloop.settings import Settings
+from core.settings import Settings
 
 
 def _rows(path) -> int:
@@ -15,12 +15,12 @@ def _rows(path) -> int:
 
 def collect_status(settings: Settings) -> dict[str, Any]:
     from model.registry import ModelRegistry
-    from tasks.labelstudio.push import ledger_path, pending_path
-    from tasks.labelstudio.server import LocalLabelStudio, labelstudio_state_dir
-    from tasks.publish import load_labels
+    from tasks.labels import load_labels
+    from tasks.labelstudio.server import LocalLabelStudio
 
+    layout = settings.layout
     info: dict[str, Any] = {}
-    registry = ModelRegistry(settings.models_dir)
+    registry = ModelRegistry(layout.models)
     version = registry.production_version()
     info["production model"] = version or "none (cold start)"
     if version:
@@ -28,21 +28,20 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         metrics = card.get("metrics", {})
         info["holdout macro-F1"] = f"{metrics.get('macro_f1', float('nan')):.3f}"
         info["model created"] = card.get("created_at", "?")
-    versions = sorted(p.name for p in settings.models_dir.glob("*/") if (p / "model.keras").exists()) \
-        if settings.models_dir.exists() else []
+    versions = sorted(p.name for p in layout.models.glob("*/") if (p / "model.keras").exists()) \
+        if layout.models.exists() else []
     info["registered models"] = len(versions)
-    partitions = sorted(settings.scores_dir.glob("run_date=*")) if settings.scores_dir.exists() else []
+    partitions = sorted(layout.scores.glob("run_date=*")) if layout.scores.exists() else []
     info["score partitions"] = ", ".join(p.name.split("=", 1)[1] for p in partitions[-5:]) or "none"
     if partitions:
         info["rows in latest partition"] = sum(_rows(f) for f in partitions[-1].glob("*.parquet"))
-    runs = sorted(p.name for p in settings.runs_dir.iterdir()) if settings.runs_dir.exists() else []
+    runs = sorted(p.name for p in layout.runs.iterdir()) if layout.runs.exists() else []
     info["last runs"] = ", ".join(runs[-3:]) or "none"
-    labels = load_labels(settings.labels_dir)
+    labels = load_labels(layout)
     sources = labels.column("source").cast("string").to_pylist()
     info["labels"] = f"{labels.num_rows} ({sources.count('gold')} gold, {sources.count('annotation')} annotated)"
-    state = labelstudio_state_dir(settings.data_root)
-    info["sent to Label Studio"] = _rows(ledger_path(state))
-    info["pending push"] = _rows(pending_path(state))
+    info["sent to Label Studio"] = _rows(layout.labelstudio.ledger)
+    info["pending push"] = _rows(layout.labelstudio.pending)
     if settings.label_studio_url:
         info["Label Studio"] = settings.label_studio_url
     else:

@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from affectloop.schemas import FeatureSpec  # noqa: E402
-from affectloop.settings import DEFAULT_LABELS  # noqa: E402
+from core.schemas import FeatureSpec  # noqa: E402
+from core.settings import DEFAULT_LABELS  # noqa: E402
 from model import selection  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "realmix"
@@ -85,7 +85,7 @@ class Dataset:
 
 def build_cache(data_dir: Path, cache: Path, spec: FeatureSpec = FeatureSpec()) -> None:
     """Preprocess every realmix record with ``tasks.preprocess`` and save the arrays (npz, atomic)."""
-    from affectloop.io import atomic_path
+    from core.io import atomic_path
     from tasks.preprocess.audio import preprocess_audio
     from tasks.preprocess.image import preprocess_image
     from tasks.preprocess.text import preprocess_text
@@ -494,7 +494,7 @@ def save_plot(summary: dict[str, Any], strategies: list[str], path: Path, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from affectloop.io import atomic_path
+    from core.io import atomic_path
 
     labels = np.array(summary["labels"])
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"realmix, {args.model} model, {args.eval} split, {len(args.seeds)} seeds")
     print(f"\nplot: {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
     # Every curve, so the table and plot can be redrawn or compared without rerunning.
-    from affectloop.io import atomic_write_json
+    from core.io import atomic_write_json
 
     atomic_write_json(png.with_suffix(".json"), {"args": {k: str(v) for k, v in vars(args).items()},
                                                  "curves": [asdict(c) for c in curves]})

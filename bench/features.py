@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import affectloop.quiet  # noqa: E402,F401
+import core.quiet  # noqa: E402,F401
 
 PHASES = ("ingest", "loop", "flow", "build")
 
@@ -60,7 +60,7 @@ def cpu_seconds() -> float:
 
 
 def phase_ingest(args: argparse.Namespace) -> dict[str, Any]:
-    from affectloop.settings import DEFAULT_LABELS
+    from core.settings import DEFAULT_LABELS
     from tasks.ingest import find_manifest, split_manifest, validate_partition
 
     run_dir = args.workdir / "ingest"
@@ -91,8 +91,9 @@ def phase_loop(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def phase_flow(args: argparse.Namespace) -> dict[str, Any]:
-    from affectloop.settings import get_settings
-    from flows.features import features_from_records, with_runner
+    from core.settings import get_settings
+    from flows.features import features_from_records
+    from flows.runner import with_runner
 
     paths = json.loads((args.workdir / "records.json").read_text())
     data_root = args.workdir / args.data_name
@@ -107,8 +108,9 @@ def phase_flow(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def phase_build(args: argparse.Namespace) -> dict[str, Any]:
-    from affectloop.settings import get_settings
-    from flows.features import build_features, with_runner
+    from core.settings import get_settings
+    from flows.features import build_features
+    from flows.runner import with_runner
 
     data_root = args.workdir / args.data_name
     settings = get_settings(data_root=data_root, dask_workers=args.workers)

@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.labelstudio.client import LabelStudioClient  # noqa: E402
 from tasks.labelstudio.project import ensure_project  # noqa: E402
 from tasks.labelstudio.push import push_selection  # noqa: E402
-from tasks.labelstudio.server import LocalLabelStudio, free_port  # noqa: E402
+from core.layout import LabelStudioLayout  # noqa: E402
+from core.processes import free_port  # noqa: E402
+from tasks.labelstudio.server import LocalLabelStudio  # noqa: E402
 
 BASE_LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = (f"anger-{uuid.uuid4().hex[:6]}",) + BASE_LABELS[1:]  # a fresh project every run
         project = ensure_project(client, labels, source, root)
         table = selection(args.n, labels)
-        state_dir = root / "state" / f"lsbench-{project.project_id}"
+        state_dir = LabelStudioLayout(root / "state" / f"lsbench-{project.project_id}")
 
         t0 = time.perf_counter()
         first = push_selection(client, project, table, state_dir, batch_size=args.batch_size)

@@ -28,10 +28,11 @@ from websockets.sync.client import connect
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from affectloop.demo import generate_demo  # noqa: E402
-from affectloop.settings import get_settings  # noqa: E402
+from core.settings import get_settings  # noqa: E402
 from tasks.labelstudio.annotator import SimulatedAnnotator  # noqa: E402
 from tasks.labelstudio.client import LabelStudioClient  # noqa: E402
 from tasks.labelstudio.project import ensure_project  # noqa: E402
+from core.layout import LabelStudioLayout  # noqa: E402
 from tasks.labelstudio.push import push_selection, read_ledger  # noqa: E402
 from tasks.labelstudio.server import LocalLabelStudio  # noqa: E402
 
@@ -125,8 +126,8 @@ def prepare_task(data_root: Path, port: int) -> tuple[str, int, int, dict[str, s
                   "model_version": "fusion-demo"}]
     import pyarrow as pa
 
-    push_selection(client, project, pa.Table.from_pylist(selection), state_dir)
-    ledger = read_ledger(state_dir).to_pylist()
+    push_selection(client, project, pa.Table.from_pylist(selection), LabelStudioLayout(state_dir))
+    ledger = read_ledger(LabelStudioLayout(state_dir)).to_pylist()
     task_id = next(r["task_id"] for r in ledger if r["record_id"] == record["record_id"]
                    and r["project_id"] == project.project_id)
     annotator = SimulatedAnnotator(creds.url, "screenshot@annotators.affectloop.local", "screenshot-annotator-pw",

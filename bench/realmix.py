@@ -39,9 +39,9 @@ import pyarrow.parquet as pq  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from affectloop.io import atomic_write_json, write_parquet  # noqa: E402
-from affectloop.schemas import FeatureSpec  # noqa: E402
-from affectloop.settings import DEFAULT_LABELS  # noqa: E402
+from core.io import atomic_write_json, write_parquet  # noqa: E402
+from core.schemas import FeatureSpec  # noqa: E402
+from core.settings import DEFAULT_LABELS  # noqa: E402
 from model.calibration import fit_temperature, softmax  # noqa: E402
 from model.inputs import MODALITIES, arrays_from_features, mask_modalities, presence, subset  # noqa: E402
 from model.metrics import evaluate, evaluate_by_modality, plot_confusion_matrix  # noqa: E402

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import affectloop.quiet  # noqa: E402,F401
+import core.quiet  # noqa: E402,F401
 
 
 def setup(n: int, partition_size: int, workdir: Path) -> tuple[list[Path], Path, str]:
@@ -40,8 +40,8 @@ def setup(n: int, partition_size: int, workdir: Path) -> tuple[list[Path], Path,
     import pyarrow.parquet as pq
 
     from affectloop.demo import generate_demo
-    from affectloop.settings import DEFAULT_LABELS
-    from flows.loop import true_labels
+    from core.settings import DEFAULT_LABELS
+    from tasks.labelstudio.resource import demo_truth as true_labels
     from model.estimator import FusionClassifier
     from model.inputs import arrays_from_features
     from model.registry import ModelRegistry
@@ -77,7 +77,7 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from affectloop.settings import DEFAULT_LABELS
+    from core.settings import DEFAULT_LABELS
     from model.estimator import _dataset, _model_inputs
     from model.inputs import arrays_from_features
     from tasks.score import load_model_cached, score_partition

@@ -115,6 +115,24 @@ class RunReport:
         except Exception as exc:  # artifacts must never fail a run that produced its data
             Console(stderr=True).print(f"[yellow]could not publish Prefect artifacts: {type(exc).__name__}[/]")
 
+    def finish(self) -> None:
+        """Publish the artifacts and print the summary: the end of every flow run."""
+        self.publish()
+        self.print()
+
+    def add_retrain(self, result: Any, models_dir: Path) -> None:
+        """A retrain's facts, model folder and plots (``tasks.training.RetrainResult``)."""
+        self.facts["candidate"] = result.version
+        self.facts["promoted"] = result.promoted
+        self.facts["holdout macro-F1"] = f"{result.metrics.get('macro_f1', float('nan')):.3f}"
+        if result.production_metrics:
+            self.facts["production macro-F1"] = f"{result.production_metrics['macro_f1']:.3f}"
+        self.outputs["model"] = str(Path(models_dir) / result.version)
+        for name, path in (("confusion matrix", result.confusion_png), ("learning curve", result.learning_curve_png)):
+            if path is not None:
+                self.images[name] = Path(path)
+                self.outputs[name] = str(path)
+
     def print(self, console: Console | None = None) -> None:
         console = console or Console()
         table = Table(title=f"{self.title} — run {self.run_id}", title_justify="left")
@@ -144,3 +162,18 @@ def _image_url(path: Path) -> str:
     if len(data) <= _MAX_INLINE_IMAGE_BYTES:
         return "data:image/png;base64," + base64.b64encode(data).decode()
     return Path(path).resolve().as_uri()
+
+
+def print_rounds(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """The loop's per-round table: labels used, candidate, promoted, holdout macro-F1, stopping kappa."""
+    def fmt(value: float | None) -> str:
+        return f"{value:.3f}" if value is not None else "—"
+
+    table = Table(title="macro-F1 on the frozen holdout, per round", title_justify="left")
+    for column in ("round", "labels", "model", "promoted", "macro-F1", "production before", "stopping kappa"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["round"]), str(row.get("n_train", "—")), str(row.get("version")),
+                      "yes" if row.get("promoted") else "no", fmt(row.get("macro_f1")),
+                      fmt(row.get("production_macro_f1")), fmt(row.get("stopping_kappa")))
+    (console or Console()).print(table)

@@ -30,7 +30,7 @@ import tensorflow as tf
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.class_weight import compute_class_weight
 
-from affectloop.settings import DEFAULT_LABELS
+from core.schemas import DEFAULT_LABELS
 from model.calibration import fit_temperature
 from model.inputs import INPUT_NAMES, MODALITIES, PAD_TOKEN, n_records, presence_key, subset
 from model.layers import FUSION_LAYERS, CalibratedSoftmax

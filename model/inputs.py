@@ -12,7 +12,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from affectloop.schemas import FeatureSpec
+from core.schemas import FeatureSpec
 
 MODALITIES: tuple[str, ...] = ("image", "text", "audio")
 # Which named inputs belong to which modality (the presence mask is "<modality>_present").
@@ -68,7 +68,7 @@ def _tokens_to_array(column: pa.ChunkedArray | pa.Array, max_tokens: int) -> tup
 
 
 def arrays_from_features(table: pa.Table, spec: FeatureSpec | None = None) -> dict[str, np.ndarray]:
-    """Named model inputs from a features table (``affectloop.schemas.features_schema``).
+    """Named model inputs from a features table (``core.schemas.features_schema``).
 
     Returns ``image`` (N,S,S,1) float32, ``tokens`` (N,max_tokens) str padded with "",
     ``logmel`` (N,T,M) float32, ``prosody`` (N,P) float32 and the ``*_present`` masks

@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, recall_score
 
-from affectloop.io import atomic_path
+from core.io import atomic_path
 
 
 def expected_calibration_error(y_true_idx: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:

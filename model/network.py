@@ -13,7 +13,7 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from affectloop.schemas import FeatureSpec
+from core.schemas import FeatureSpec
 from model.inputs import MODALITIES, MODALITY_INPUTS, PAD_TOKEN, presence_key
 from model.layers import (
     FUSION_LAYERS,

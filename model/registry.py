@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from affectloop.io import atomic_write_json, atomic_write_text, read_json, staging_dir
+from core.io import atomic_write_json, atomic_write_text, read_json, staging_dir
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "model_card.json"

@@ -10,7 +10,9 @@ Parquet or reported.
 Strategies (``select(strategy=...)``):
 
 - ``random``: uniform over eligible records (the baseline; no class guard, by design).
-- ``least_confidence``, ``margin``, ``entropy``: classic uncertainty from ``probs`` (N, C).
+- ``least_confidence``, ``margin``, ``entropy``: classic uncertainty from ``probs`` (N, C);
+  ``margin`` sampling ranks by :func:`margin_uncertainty` (``1 -`` the scores contract's margin,
+  see ``model.uncertainty``).
 - ``bald``: MC-dropout mutual information from ``mc_probs`` (T, N, C).
 - ``disagreement``: single-modality predictions that disagree (``modality_probs``).
 - ``cold_start`` (also used automatically when no model output is given): k-means on
@@ -46,6 +48,8 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.metrics import cohen_kappa_score
 
+from model import uncertainty
+
 _EPS = 1e-12
 
 UNCERTAINTY_SCORES = ("least_confidence", "margin", "entropy", "bald", "disagreement", "modality_entropy",
@@ -58,40 +62,46 @@ STRATEGIES = (
     "hybrid",
 )
 
+_NEEDS: dict[str, frozenset[str]] = {
+    "random": frozenset(), "cold_start": frozenset(),
+    "least_confidence": frozenset({"probs"}), "margin": frozenset({"probs"}), "entropy": frozenset({"probs"}),
+    "bald": frozenset({"mc_probs"}), "disagreement": frozenset({"modality_probs"}),
+    "modality_entropy": frozenset({"modality_probs"}), "modality_bald": frozenset({"modality_mc_probs"}),
+    "hybrid": frozenset({"probs"}),
+}
+
+
+def required_outputs(strategy: str) -> frozenset[str]:
+    """What ``select(strategy, ...)`` needs from the model: a subset of ``probs``, ``mc_probs``,
+    ``modality_probs``, ``modality_mc_probs`` and ``embeddings``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy.startswith("diverse_"):
+        return _NEEDS[strategy.removeprefix("diverse_")] | {"embeddings"}
+    return _NEEDS[strategy]
+
+
+def runnable_strategies(available: frozenset[str] | set[str]) -> tuple[str, ...]:
+    """The strategies whose needs ``available`` model outputs cover."""
+    return tuple(s for s in STRATEGIES if required_outputs(s) <= set(available))
+
 
 # --------------------------------------------------------------------------- scores
 
 
-def _as_probs(probs: np.ndarray) -> np.ndarray:
-    """Validate an (N, C) probability array and return it as float64."""
-    array = np.asarray(probs, dtype=np.float64)
-    if array.ndim != 2:
-        raise ValueError(f"probabilities must be (N, C), got shape {array.shape}")
-    return array
-
-
 def least_confidence(probs: np.ndarray) -> np.ndarray:
-    """``1 - max_c p(c|x)``: how far the top class is from certainty."""
-    array = _as_probs(probs)
-    return 1.0 - array.max(axis=1)
+    """``1 - confidence``: how far the top class is from certainty."""
+    return 1.0 - uncertainty.confidence(probs)
 
 
-def margin(probs: np.ndarray) -> np.ndarray:
-    """``1 - (p_top1 - p_top2)``: a small gap between the two best classes scores high."""
-    array = _as_probs(probs)
-    if array.shape[1] < 2:
-        return np.zeros(array.shape[0])
-    top2 = np.sort(array, axis=1)[:, -2:]
-    return 1.0 - (top2[:, 1] - top2[:, 0])
+def margin_uncertainty(probs: np.ndarray) -> np.ndarray:
+    """``1 - margin`` (margin = top-1 minus top-2): a small gap between the two best classes scores high."""
+    return 1.0 - uncertainty.margin(probs)
 
 
 def entropy(probs: np.ndarray, normalize: bool = True) -> np.ndarray:
-    """Shannon entropy of each row (nats); divided by ``log C`` when ``normalize`` (so in [0, 1])."""
-    array = _as_probs(probs)
-    values = -(array * np.log(np.clip(array, _EPS, 1.0))).sum(axis=1)
-    if normalize and array.shape[1] > 1:
-        values = values / math.log(array.shape[1])
-    return np.maximum(values, 0.0)
+    """Shannon entropy of each row; divided by ``log C`` when ``normalize`` (so in [0, 1])."""
+    return uncertainty.entropy(probs, normalize=normalize)
 
 
 def bald(mc_probs: np.ndarray) -> np.ndarray:
@@ -128,8 +138,8 @@ def _presence_matrix(modality_probs: Mapping[str, np.ndarray],
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Row-wise Jensen-Shannon divergence in bits (0 = identical, 1 = disjoint support)."""
-    p = _as_probs(p)
-    q = _as_probs(q)
+    p = uncertainty.as_probs(p)
+    q = uncertainty.as_probs(q)
     mid = 0.5 * (p + q)
 
     def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -344,7 +354,7 @@ def uncertainty_scores(name: str, *, probs: np.ndarray | None = None, mc_probs: 
     if name in ("least_confidence", "margin", "entropy"):
         if probs is None:
             raise ValueError(f"{name} needs probs")
-        return {"least_confidence": least_confidence, "margin": margin, "entropy": entropy}[name](probs)
+        return {"least_confidence": least_confidence, "margin": margin_uncertainty, "entropy": entropy}[name](probs)
     if name == "bald":
         if mc_probs is None:
             raise ValueError("bald needs mc_probs (T, N, C)")
@@ -454,7 +464,7 @@ def select(strategy: str, budget: int, *, probs: np.ndarray | None = None,
 
 def _predicted_classes(probs: np.ndarray | None, mc_probs: np.ndarray | None) -> np.ndarray | None:
     if probs is not None:
-        return _as_probs(probs).argmax(axis=1)
+        return uncertainty.as_probs(probs).argmax(axis=1)
     if mc_probs is not None:
         return np.asarray(mc_probs, dtype=np.float64).mean(axis=0).argmax(axis=1)
     return None
@@ -565,3 +575,51 @@ class StabilizingPredictions:
         """What a report or Prefect artifact shows: value, decision, history."""
         return {"kappa_average": self.value, "should_stop": self.should_stop, "window": self.window,
                 "threshold": self.threshold, "history": self.history}
+
+
+# --------------------------------------------------------------------------- cold start vectors
+
+_TEXT_HASH_DIM = 64
+
+
+def _hashed_bag_of_words(tokens: list[str] | None) -> np.ndarray:
+    vec = np.zeros(_TEXT_HASH_DIM, np.float32)
+    for token in tokens or []:
+        vec[int.from_bytes(hashlib.blake2b(token.encode(), digest_size=4).digest(), "little") % _TEXT_HASH_DIM] += 1
+    norm = np.linalg.norm(vec)
+    return vec / norm if norm else vec
+
+
+def cold_start_vectors(features: "pa.Table") -> np.ndarray:
+    """A compact, model-free vector per record for diversity sampling before any model exists:
+    a 12x12 thumbnail of the face, mean and spread of each mel band, prosody, hashed words,
+    and the presence flags (so k-means also spreads over modality combinations)."""
+    from core.schemas import FeatureSpec
+
+    spec = FeatureSpec.from_metadata(features.schema.metadata)
+    n = features.num_rows
+    s = spec.image_size
+    parts = []
+    thumb = np.zeros((n, 144), np.float32)
+    for i, img in enumerate(features.column("image").to_pylist()):
+        if img is not None:
+            arr = np.asarray(img, np.float32).reshape(s, s)
+            k = s // 12
+            thumb[i] = arr[: k * 12, : k * 12].reshape(12, k, 12, k).mean(axis=(1, 3)).reshape(-1)
+    parts.append(thumb)
+    mel = np.zeros((n, 2 * spec.n_mels), np.float32)
+    for i, frames in enumerate(features.column("logmel").to_pylist()):
+        if frames is not None:
+            arr = np.asarray(frames, np.float32).reshape(spec.n_frames, spec.n_mels)
+            mel[i] = np.concatenate([arr.mean(axis=0), arr.std(axis=0)])
+    parts.append(mel)
+    prosody = np.zeros((n, spec.n_prosody), np.float32)
+    for i, row in enumerate(features.column("prosody").to_pylist()):
+        if row is not None:
+            prosody[i] = np.nan_to_num(np.asarray(row, np.float32))
+    parts.append(prosody)
+    parts.append(np.stack([_hashed_bag_of_words(t) for t in features.column("tokens").to_pylist()]) if n
+                 else np.zeros((0, _TEXT_HASH_DIM), np.float32))
+    parts.append(np.stack([features.column(f"has_{m}").to_numpy(zero_copy_only=False).astype(np.float32)
+                           for m in ("image", "text", "audio")], axis=1))
+    return np.concatenate(parts, axis=1)

@@ -5,7 +5,7 @@ Parquet (``RECORDS_SCHEMA``, written by ``tasks.ingest.validate_partition``), pr
 every record's modalities (``tasks.preprocess``), and writes one features Parquet. It
 returns the path and the counts; the arrays never pass through the flow process.
 
-Features schema (``affectloop.schemas.features_schema(spec)``, one row per record, rows
+Features schema (``core.schemas.features_schema(spec)``, one row per record, rows
 sorted by ``record_id``; the ``FeatureSpec`` is in the schema metadata under
 ``affectloop.feature_spec`` and the preprocessing options under ``affectloop.prep_options``):
 
@@ -51,7 +51,7 @@ a fresh namespace and recomputes everything. Inside it:
   read, independent of the store size. A partition whose id set changed (records added or
   re-chunked) finds no pointer and is recomputed whole: correct, only slower.
 
-Every file is written atomically (``affectloop.io``); two workers that compute the same key
+Every file is written atomically (``core.io``); two workers that compute the same key
 write identical bytes to the same name, and a pointer write is last-writer-wins between
 two valid files, so concurrent runs are safe. Superseded partition files stay on disk
 (readers take the paths a flow returns, not a glob of the folder).
@@ -73,9 +73,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from threadpoolctl import threadpool_limits
 
-from affectloop.io import atomic_write_json, read_json, write_parquet
-from affectloop.schemas import REJECTS_SCHEMA, FeatureSpec, features_schema, rejects_table
-from tasks.ingest import content_hash, retry_on_io_error
+from core.io import atomic_write_json, read_json, write_parquet
+from core.schemas import REJECTS_SCHEMA, FeatureSpec, features_schema, rejects_table
+from tasks.ingest import content_hash
+from tasks.retry import IO_RETRY
 from tasks.media import MediaError, resolve_media_path
 from tasks.preprocess import PREP_VERSION, STOP_WORDS
 from tasks.preprocess.audio import preprocess_audio
@@ -95,6 +96,67 @@ class FeaturesResult:
     n_ok: int
     n_rejected: int
     n_cached: int  # records taken from the cache (features or a cached reject), not recomputed
+
+    @staticmethod
+    def totals(run_id: str, results: Sequence["FeaturesResult"]) -> dict[str, Any]:
+        return {"run_id": run_id, "records_in": sum(r.n_in for r in results),
+                "features_ok": sum(r.n_ok for r in results), "features_cached": sum(r.n_cached for r in results),
+                "rejected_preprocess": sum(r.n_rejected for r in results),
+                "features_paths": [str(r.features_path) for r in results],
+                "rejects_paths": [str(r.rejects_path) for r in results]}
+
+
+@dataclass(frozen=True)
+class IngestFeaturesSummary:
+    """What ingest + features did to one source in one run: counts, and the paths the next stages read."""
+
+    run_id: str
+    run_dir: Path
+    partitions: int
+    records_in: int
+    records_valid: int
+    rejected_ingest: int
+    rejected_ingest_by_reason: dict[str, int]
+    rejected_preprocess: int
+    features_ok: int
+    features_cached: int
+    records_paths: list[str]
+    features_paths: list[str]
+    rejects_paths: list[str]
+
+    @classmethod
+    def of(cls, run_id: str, run_dir: Path, split: Any, validated: Sequence[Any],
+           featurised: Sequence["FeaturesResult"]) -> "IngestFeaturesSummary":
+        """From the split (``tasks.ingest.SplitResult``), the validated partitions and their features."""
+        by_reason: dict[str, int] = {}
+        for result in validated:
+            for reason, count in result.rejected_by_reason.items():
+                by_reason[reason] = by_reason.get(reason, 0) + count
+        return cls(
+            run_id=run_id, run_dir=Path(run_dir), partitions=len(split.chunk_paths), records_in=split.n_rows,
+            records_valid=sum(v.n_ok for v in validated),
+            rejected_ingest=split.n_rejected + sum(v.n_rejected for v in validated),
+            rejected_ingest_by_reason=dict(sorted(by_reason.items())),
+            rejected_preprocess=sum(f.n_rejected for f in featurised),
+            features_ok=sum(f.n_ok for f in featurised), features_cached=sum(f.n_cached for f in featurised),
+            records_paths=[str(v.records_path) for v in validated],
+            features_paths=[str(f.features_path) for f in featurised],
+            rejects_paths=[str(split.rejects_path)] + [str(v.rejects_path) for v in validated]
+                          + [str(f.rejects_path) for f in featurised])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"in": self.records_in, "valid": self.records_valid,
+                "rejected": self.rejected_ingest + self.rejected_preprocess,
+                "features": self.features_ok, "cached": self.features_cached}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir), "partitions": self.partitions,
+                "records_in": self.records_in, "records_valid": self.records_valid,
+                "rejected_ingest": self.rejected_ingest, "rejected_ingest_by_reason": self.rejected_ingest_by_reason,
+                "rejected_preprocess": self.rejected_preprocess, "features_ok": self.features_ok,
+                "features_cached": self.features_cached, "records_paths": self.records_paths,
+                "features_paths": self.features_paths, "rejects_paths": self.rejects_paths}
 
 
 # ---------------------------------------------------------------------------------- cache keys
@@ -380,6 +442,7 @@ def array_column(table: pa.Table, name: str, shape: tuple[int, ...]) -> np.ndarr
 
 # ---------------------------------------------------------------------------------- Prefect
 
-extract_features_task = task(extract_features, name="extract-features", tags=["features"], retries=2,
-                             retry_delay_seconds=5, retry_condition_fn=retry_on_io_error,
-                             cache_policy=NO_CACHE)  # the content-hash cache above does this job
+extract_features_task = task(extract_features, name="extract-features", tags=["features"], **IO_RETRY,
+                             cache_policy=NO_CACHE)
+lookup_cached_task = task(lookup_cached, name="lookup-cached-features", tags=["features"], **IO_RETRY,
+                          cache_policy=NO_CACHE)  # the content-hash cache above does this job

@@ -20,12 +20,12 @@ Dask recomputes, or a rerun, changes nothing.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
 import re
-import sys
+import uuid
+from datetime import datetime, timezone
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +35,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from affectloop.io import atomic_path, write_parquet
-from affectloop.schemas import LABELS_SCHEMA, RECORDS_SCHEMA, REJECTS_SCHEMA, rejects_table
-from affectloop.settings import Limits
+from core.io import atomic_path, write_parquet
+from core.schemas import LABELS_SCHEMA, RECORDS_SCHEMA, REJECTS_SCHEMA, rejects_table
+from core.settings import Limits
+from tasks.retry import IO_RETRY
 from tasks.media import (
     MediaError,
     check_audio_bytes,
@@ -89,6 +90,11 @@ class PartitionResult:
     n_ok: int
     n_rejected: int
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus a short random suffix."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 # ---------------------------------------------------------------------------------- manifest
@@ -494,30 +500,17 @@ def load_gold_labels(records_paths: Iterable[Path]) -> pa.Table:
 # ---------------------------------------------------------------------------------- Prefect
 
 
-def retry_on_io_error(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's callback signature)
-    """Retry only when the failure was an OSError (disk, network file system), not a bug or bad data."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except BaseException:  # noqa: BLE001 - anything else is not worth retrying
-        return False
-    return False
+split_manifest_task = task(split_manifest, name="split-manifest", tags=["ingest"], **IO_RETRY)
+validate_partition_task = task(validate_partition, name="validate-partition", tags=["ingest"], **IO_RETRY)
 
 
-split_manifest_task = task(split_manifest, name="split-manifest", tags=["ingest"], retries=2,
-                           retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
-validate_partition_task = task(validate_partition, name="validate-partition", tags=["ingest"], retries=2,
-                               retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
-
-
-# ---------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------- in one process
 
 
 def ingest_local(source: str | Path, out_dir: Path, run_id: str = "local", partition_size: int = 1000,
                  labels: Sequence[str] | None = None, limits: Limits | None = None) -> dict[str, Any]:
     """Split and validate a source in this process (no Prefect); return counts in/out/rejected by reason."""
-    from affectloop.settings import DEFAULT_LABELS
+    from core.schemas import DEFAULT_LABELS
 
     labels = tuple(labels or DEFAULT_LABELS)
     split = split_manifest(source, out_dir, run_id, partition_size, labels, limits)
@@ -530,22 +523,3 @@ def ingest_local(source: str | Path, out_dir: Path, run_id: str = "local", parti
         reasons.update(result.rejected_by_reason)
     return {"records_in": split.n_rows, "records_out": n_ok, "rejected": sum(reasons.values()),
             "rejected_by_reason": dict(sorted(reasons.items())), "partitions": len(split.chunk_paths)}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Ingest a raw source locally and print counts (no Prefect).")
-    parser.add_argument("source")
-    parser.add_argument("--out", type=Path, required=True, help="run folder for chunks, records and rejects")
-    parser.add_argument("--partition-size", type=int, default=1000)
-    args = parser.parse_args(argv)
-    try:
-        summary = ingest_local(args.source, args.out, partition_size=args.partition_size)
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

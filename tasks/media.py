@@ -1,7 +1,7 @@
 """Media checks for ingest: safe paths, full decodes, limits. Pure functions, no Prefect.
 
 Every check raises :class:`MediaError` with a ``reason`` from
-``affectloop.schemas.REJECT_REASONS`` and a human ``detail``; the caller turns it into a
+``core.schemas.REJECT_REASONS`` and a human ``detail``; the caller turns it into a
 reject row. Anything else that escapes (an ``OSError`` while *reading* a file) is an I/O
 problem of the machine, not of the record, and is left to the task's retries.
 
@@ -26,8 +26,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageFile
 
-from affectloop.schemas import REJECT_REASONS
-from affectloop.settings import Limits
+from core.schemas import REJECT_REASONS
+from core.settings import Limits
 
 # A truncated image must fail to load, never come back half grey. This is Pillow's default;
 # it is a process-wide switch, so check_image refuses to run if anything turned it on.

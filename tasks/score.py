@@ -15,11 +15,14 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from prefect import task
 
-from affectloop.io import write_parquet
-from affectloop.schemas import scores_schema
+from core.io import write_parquet
+from core.schemas import scores_schema
+from model.uncertainty import uncertainty_columns
+from tasks.retry import IO_RETRY
 
 # Scratch columns written beside the scores for the selection stage only (never in scores/).
 EMBEDDING_COLUMN = "embedding"
@@ -37,18 +40,6 @@ def load_model_cached(models_dir: str | Path, version: str):
         if key not in _MODEL_CACHE:
             _MODEL_CACHE[key] = ModelRegistry(Path(models_dir)).load(version)
         return _MODEL_CACHE[key]
-
-
-def uncertainty_columns(proba: np.ndarray) -> dict[str, np.ndarray]:
-    """confidence (top probability), entropy (nats) and margin (top-1 minus top-2)."""
-    proba = np.asarray(proba, dtype=np.float64)
-    top2 = np.sort(proba, axis=1)[:, -2:]
-    entropy = -np.sum(np.where(proba > 0, proba * np.log(np.clip(proba, 1e-12, 1.0)), 0.0), axis=1)
-    return {
-        "confidence": top2[:, 1].astype(np.float32),
-        "margin": (top2[:, 1] - top2[:, 0]).astype(np.float32),
-        "entropy": entropy.astype(np.float32),
-    }
 
 
 def scores_table(record_ids: Sequence[str], proba: np.ndarray, presence: dict[str, np.ndarray],
@@ -114,5 +105,23 @@ def score_partition(features_path: str | Path, models_dir: str | Path, model_ver
     return ScoreResult(Path(out_path), out.num_rows, time.perf_counter() - start)
 
 
-# Retries cover transient I/O (a shared filesystem hiccup); a model error fails fast on the second try.
-score_partition_task = task(score_partition, name="score-partition", retries=1, retry_delay_seconds=2)
+def predicted_label_counts(score_parts: Sequence[str | Path]) -> dict[str, int]:
+    """How many records each label was predicted for, over a run's scores (one column read per part)."""
+    counts: dict[str, int] = {}
+    for part in score_parts:
+        column = pq.read_table(part, columns=["predicted_label"]).column("predicted_label")
+        for item in pa.compute.value_counts(column.cast(pa.string())).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return dict(sorted(counts.items()))
+
+
+def production_version(models_dir: str | Path) -> str | None:
+    """The registry's PRODUCTION version, or None before the first promotion (cold start)."""
+    from model.registry import ModelRegistry
+
+    return ModelRegistry(Path(models_dir)).production_version()
+
+
+score_partition_task = task(score_partition, name="score-partition", **IO_RETRY)
+production_version_task = task(production_version, name="production-version", **IO_RETRY)
+predicted_label_counts_task = task(predicted_label_counts, name="count-predicted-labels", **IO_RETRY)

@@ -8,7 +8,6 @@ still pending a push are never eligible.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,55 +18,32 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 
-from affectloop.io import write_parquet
-from affectloop.schemas import FeatureSpec
-from model.selection import select
+from core.io import atomic_write_json, read_json, write_parquet
+from core.layout import DataLayout
+from model.selection import (STRATEGIES, StabilizingPredictions, cold_start_vectors, required_outputs,
+                             runnable_strategies, select, stable_sample)
+from tasks.artifacts import publish_markdown
+from tasks.labels import load_labels
+from tasks.retry import IO_RETRY
 from tasks.score import EMBEDDING_COLUMN
 
 SELECTION_COLUMNS = ["record_id", "text", "image", "audio", "predicted_label", "confidence", "model_version"]
-_TEXT_HASH_DIM = 64
+# What the nightly scoring pass gives selection: calibrated probabilities and fused embeddings.
+SCORING_OUTPUTS = frozenset({"probs", "embeddings"})
 
 
-def _hashed_bag_of_words(tokens: list[str] | None) -> np.ndarray:
-    vec = np.zeros(_TEXT_HASH_DIM, np.float32)
-    for token in tokens or []:
-        vec[int.from_bytes(hashlib.blake2b(token.encode(), digest_size=4).digest(), "little") % _TEXT_HASH_DIM] += 1
-    norm = np.linalg.norm(vec)
-    return vec / norm if norm else vec
+def nightly_strategies() -> tuple[str, ...]:
+    """Selection strategies the nightly build can run with what scoring produces."""
+    return runnable_strategies(SCORING_OUTPUTS)
 
 
-def cold_start_vectors(features: pa.Table) -> np.ndarray:
-    """A compact, model-free vector per record for diversity sampling before any model exists:
-    a 12x12 thumbnail of the face, mean and spread of each mel band, prosody, hashed words,
-    and the presence flags (so k-means also spreads over modality combinations)."""
-    spec = FeatureSpec.from_metadata(features.schema.metadata)
-    n = features.num_rows
-    s = spec.image_size
-    parts = []
-    images = features.column("image").to_pylist()
-    thumb = np.zeros((n, 144), np.float32)
-    for i, img in enumerate(images):
-        if img is not None:
-            arr = np.asarray(img, np.float32).reshape(s, s)
-            k = s // 12
-            thumb[i] = arr[: k * 12, : k * 12].reshape(12, k, 12, k).mean(axis=(1, 3)).reshape(-1)
-    parts.append(thumb)
-    mel = np.zeros((n, 2 * spec.n_mels), np.float32)
-    for i, frames in enumerate(features.column("logmel").to_pylist()):
-        if frames is not None:
-            arr = np.asarray(frames, np.float32).reshape(spec.n_frames, spec.n_mels)
-            mel[i] = np.concatenate([arr.mean(axis=0), arr.std(axis=0)])
-    parts.append(mel)
-    prosody = np.zeros((n, spec.n_prosody), np.float32)
-    for i, row in enumerate(features.column("prosody").to_pylist()):
-        if row is not None:
-            prosody[i] = np.nan_to_num(np.asarray(row, np.float32))
-    parts.append(prosody)
-    parts.append(np.stack([_hashed_bag_of_words(t) for t in features.column("tokens").to_pylist()]) if n
-                 else np.zeros((0, _TEXT_HASH_DIM), np.float32))
-    parts.append(np.stack([features.column(f"has_{m}").to_numpy(zero_copy_only=False).astype(np.float32)
-                           for m in ("image", "text", "audio")], axis=1))
-    return np.concatenate(parts, axis=1)
+def check_strategy(strategy: str) -> str:
+    """``strategy`` if the nightly build can run it; a ValueError listing the ones it can otherwise."""
+    if strategy not in nightly_strategies():
+        reason = "is unknown" if strategy not in STRATEGIES else \
+            f"needs {', '.join(sorted(required_outputs(strategy) - SCORING_OUTPUTS))}, which scoring does not produce"
+        raise ValueError(f"selection strategy {strategy!r} {reason}; choose one of: {', '.join(nightly_strategies())}")
+    return strategy
 
 
 def read_id_set(path: str | Path, column: str = "record_id") -> set[str]:
@@ -75,6 +51,12 @@ def read_id_set(path: str | Path, column: str = "record_id") -> set[str]:
     if not path.exists():
         return set()
     return set(pq.read_table(path, columns=[column]).column(column).to_pylist())
+
+
+def excluded_from_selection(layout: DataLayout) -> set[str]:
+    """Records never eligible: labeled (gold or annotation), already sent to Label Studio, or pending."""
+    return (set(load_labels(layout).column("record_id").to_pylist())
+            | read_id_set(layout.labelstudio.ledger) | read_id_set(layout.labelstudio.pending))
 
 
 @dataclass(frozen=True)
@@ -93,7 +75,7 @@ def select_for_annotation(record_parts: Sequence[str | Path], budget: int, out_p
 
     With ``score_parts`` (a production model scored the run) the strategy works on its
     probabilities and fused embeddings; without them (cold start) it is diversity alone on
-    :func:`cold_start_vectors` of ``feature_parts``.
+    ``model.selection.cold_start_vectors`` of ``feature_parts``.
     """
     excluded = set(excluded_ids)
     if score_parts:
@@ -133,7 +115,16 @@ def select_for_annotation(record_parts: Sequence[str | Path], budget: int, out_p
     return SelectionResult(Path(out_path), selection.column("record_id").to_pylist(), used, int(eligible.sum()))
 
 
-select_for_annotation_task = task(select_for_annotation, name="select-for-annotation")
+def select_records(layout: DataLayout, run_id: str, budget: int, labels: Sequence[str], strategy: str,
+                   score_parts: Sequence[str | Path] = (), feature_parts: Sequence[str | Path] = (),
+                   seed: int = 0) -> SelectionResult:
+    """This build's selection: its records minus :func:`excluded_from_selection`, into the run folder."""
+    run = layout.run(run_id)
+    return select_for_annotation(run.records_parts(), budget, run.selection, labels, excluded_from_selection(layout),
+                                 strategy, score_parts=score_parts, feature_parts=feature_parts, seed=seed)
+
+
+select_for_annotation_task = task(select_records, name="select-for-annotation", **IO_RETRY)
 
 
 STOPPING_SAMPLE_SIZE = 500
@@ -147,9 +138,6 @@ def update_stopping_signal(score_parts: Sequence[str | Path], state_path: str | 
     and kept in the state, so every round compares predictions on the same records. If a
     later run no longer scores all of them (another source), the signal starts over.
     """
-    from affectloop.io import atomic_write_json, read_json
-    from model.selection import StabilizingPredictions, stable_sample
-
     table = pa.concat_tables([pq.read_table(p, columns=["record_id", "predicted_label"]) for p in score_parts])
     predicted = dict(zip(table.column("record_id").to_pylist(),
                          table.column("predicted_label").cast(pa.string()).to_pylist()))
@@ -164,3 +152,27 @@ def update_stopping_signal(score_parts: Sequence[str | Path], state_path: str | 
     signal.update([predicted[rid] for rid in sample])
     atomic_write_json(state_path, {"sample_ids": sample, "signal": signal.to_state()})
     return signal.summary() | {"sample_size": len(sample)}
+
+
+def stopping_signal_markdown(summary: dict) -> str:
+    value = summary["kappa_average"]
+    shown = "n/a (first round)" if value is None else f"{value:.3f}"
+    verdict = "stop: more labels change little" if summary["should_stop"] else "keep labeling"
+    history = ", ".join(f"{k:.3f}" for k in summary["history"]) or "—"
+    return (f"## Stopping signal\n\nKappa between consecutive rounds' predictions on a fixed sample of "
+            f"{summary['sample_size']} records, averaged over the last {summary['window']} rounds: "
+            f"**{shown}** (stop at {summary['threshold']}; {verdict}).\n\nHistory: {history}\n")
+
+
+def stopping_signal(layout: DataLayout, run_id: str) -> dict | None:
+    """Update the stopping signal with a build's predictions and publish it as an artifact."""
+    parts = layout.run(run_id).scores_parts()
+    if not parts:
+        return None
+    summary = update_stopping_signal(parts, layout.stopping_signal)
+    publish_markdown(stopping_signal_markdown(summary), key="stopping-signal",
+                     description="active-learning stopping signal")
+    return summary
+
+
+stopping_signal_task = task(stopping_signal, name="stopping-signal", **IO_RETRY)

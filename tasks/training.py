@@ -1,14 +1,18 @@
 """Retraining units: build the labeled set from labels/ + cached features, fit a candidate,
-evaluate it and production on the frozen holdout, register, promote or not.
+evaluate it and production on the frozen holdout, register, promote or not; and the gate
+that skips a retrain when too few labels arrived since the last one.
 
-The holdout is frozen by a hash of the record id: a record that falls in it never feeds
-training, in this run or any later one, so production and candidate are compared on the
-same records (production is re-evaluated on today's holdout, not trusted from its card).
+The holdout is frozen by a hash of each record's *group* (its speaker, where the source
+names one; the record id otherwise): a record that falls in it never feeds training, in
+this run or any later one, and no speaker sits on both sides of the promotion gate, so
+production and candidate are compared on the same unseen speakers (production is
+re-evaluated on today's holdout, not trusted from its card).
 """
 
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,24 +21,71 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.publish import load_labels
+from core.io import atomic_write_json, read_json
+from core.layout import DataLayout
+from tasks.artifacts import publish_markdown
+from tasks.labels import load_labels
+from tasks.retry import IO_RETRY
 
 HOLDOUT_SALT = "affectloop-holdout-v1"
+_METRIC_KEYS = ("macro_f1", "weighted_f1", "accuracy", "uar", "ece")
 
 
-def in_holdout(record_ids: Sequence[str], fraction: float = 0.2, salt: str = HOLDOUT_SALT) -> np.ndarray:
-    """True for the records of the frozen holdout (a stable ``fraction`` of all ids)."""
+def in_holdout(record_ids: Sequence[str], fraction: float = 0.2, salt: str = HOLDOUT_SALT,
+               groups: Sequence[str | None] | None = None) -> np.ndarray:
+    """True for the records of the frozen holdout: a stable ``fraction`` of the groups (a
+    record without a group is its own group), so a group is wholly on one side."""
+    keys = [f"group:{g}" if g else rid for rid, g in zip(record_ids, groups or [None] * len(record_ids))]
     buckets = np.array([
-        int.from_bytes(hashlib.sha256(f"{salt}:{rid}".encode()).digest()[:8], "big") / 2**64 for rid in record_ids
+        int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64 for key in keys
     ])
     return buckets < fraction
 
 
-def labeled_features(labels_dir: str | Path, features_dir: str | Path, prep_version: str | None = None) -> pa.Table:
+def update_group_index(layout: DataLayout, records_paths: Sequence[str | Path], group_field: str) -> int:
+    """Record each validated record's group (``group_field`` of its manifest metadata, e.g. the
+    speaker) in the group index the holdout is drawn from. Returns records with a group."""
+    import json
+
+    from core.io import write_parquet
+
+    ids: list[str] = []
+    groups: list[str] = []
+    for records_path in records_paths:
+        table = pq.read_table(records_path, columns=["record_id", "metadata"])
+        for rid, meta in zip(table.column("record_id").to_pylist(), table.column("metadata").to_pylist()):
+            value = json.loads(meta).get(group_field) if meta else None
+            if value not in (None, ""):
+                ids.append(rid)
+                groups.append(str(value))
+    path = layout.group_index
+    new = pa.table({"record_id": pa.array(ids, pa.string()), "group": pa.array(groups, pa.string())})
+    if path.exists():
+        old = pq.read_table(path)
+        old = old.filter(pc.invert(pc.is_in(old.column("record_id"), value_set=new.column("record_id"))))
+        new = pa.concat_tables([old, new])
+    if new.num_rows or path.exists():
+        write_parquet(new.sort_by("record_id"), path)
+    return len(ids)
+
+
+def read_groups(path: str | Path, record_ids: Sequence[str]) -> list[str | None]:
+    """Each record's group from the group index (None where unknown)."""
+    path = Path(path)
+    if not path.exists():
+        return [None] * len(record_ids)
+    table = ds.dataset(str(path)).to_table(filter=pc.field("record_id").isin(pa.array(list(record_ids), pa.string())))
+    group_of = dict(zip(table.column("record_id").to_pylist(), table.column("group").to_pylist()))
+    return [group_of.get(rid) for rid in record_ids]
+
+
+def labeled_features(layout: DataLayout, prep_version: str | None = None) -> pa.Table:
     """Cached feature rows of every labeled record (one per record), with its ``label`` column."""
-    labels = load_labels(labels_dir)
+    labels = load_labels(layout)
+    features_dir = layout.features
     # Feature files only (the cache folder also holds its rejects and pointers), newest first:
     # a record whose media changed sits in an old file too, and the newest features win.
     files = sorted(Path(features_dir).glob("**/part-*.parquet"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -77,8 +128,8 @@ class RetrainResult:
     learning_curve_png: Path | None = None
 
 
-def retrain(labels_dir: str | Path, features_dir: str | Path, models_dir: str | Path, reports_dir: str | Path,
-            labels: Sequence[str], prep_version: str | None = None, fusion: str = "concat", epochs: int = 30,
+def retrain(layout: DataLayout, labels: Sequence[str], prep_version: str | None = None, fusion: str = "concat",
+            epochs: int = 30,
             margin: float = 0.0, holdout_fraction: float = 0.2, min_train: int = 20, seed: int = 13,
             promote: bool = True) -> RetrainResult:
     """Fit a candidate on the non-holdout labels, evaluate against production on the holdout,
@@ -88,11 +139,11 @@ def retrain(labels_dir: str | Path, features_dir: str | Path, models_dir: str | 
     from model.metrics import evaluate, plot_confusion_matrix, plot_learning_curve
     from model.registry import ModelRegistry
 
-    table = labeled_features(labels_dir, features_dir, prep_version)
+    table = labeled_features(layout, prep_version)
     if table.num_rows == 0:
         return RetrainResult(None, False, "no labeled records with cached features", 0, 0)
     ids = table.column("record_id").to_pylist()
-    holdout = in_holdout(ids, holdout_fraction)
+    holdout = in_holdout(ids, holdout_fraction, groups=read_groups(layout.group_index, ids))
     train_table = table.filter(pa.array(~holdout))
     hold_table = table.filter(pa.array(holdout))
     if train_table.num_rows < min_train or hold_table.num_rows == 0:
@@ -107,10 +158,10 @@ def retrain(labels_dir: str | Path, features_dir: str | Path, models_dir: str | 
     X_hold = arrays_from_features(hold_table)
     metrics = evaluate(y_hold, candidate.predict_proba(X_hold), list(labels))
 
-    registry = ModelRegistry(Path(models_dir))
+    registry = ModelRegistry(layout.models)
     version = registry.register(candidate, metrics=metrics, training_data_hash=training_data_hash(train_table),
                                 params=params)
-    reports_dir = Path(reports_dir) / version
+    reports_dir = layout.model_reports(version)
     confusion_png = plot_confusion_matrix(metrics["confusion"], list(labels), reports_dir / "confusion_matrix.png")
     curve_png = plot_learning_curve(candidate.history_, reports_dir / "learning_curve.png")
 
@@ -125,4 +176,64 @@ def retrain(labels_dir: str | Path, features_dir: str | Path, models_dir: str | 
                          production, production_metrics, confusion_png, curve_png)
 
 
-retrain_task = task(retrain, name="retrain-model")
+    def markdown(self) -> str:
+        """Candidate vs production on the same holdout, as a markdown table."""
+        def fmt(value) -> str:  # noqa: ANN001
+            return f"{value:.3f}" if isinstance(value, (int, float)) else "—"
+
+        rows = ["| metric | candidate | production |", "|---|---:|---:|"]
+        for key in _METRIC_KEYS:
+            rows.append(f"| {key} | {fmt(self.metrics.get(key))} | {fmt((self.production_metrics or {}).get(key))} |")
+        verdict = "promoted" if self.promoted else "not promoted"
+        head = (f"## Retrain: {self.version} {verdict}\n\n{self.reason}\n\n"
+                f"Trained on {self.n_train} labels, evaluated on {self.n_holdout} frozen-holdout labels; "
+                f"production was `{self.production_version}`.\n\n")
+        return head + "\n".join(rows) + "\n"
+
+
+@dataclass(frozen=True)
+class RetrainGate:
+    n_labels: int
+    n_new: int
+    go: bool
+    reason: str
+
+
+def retrain_gate(layout: DataLayout, min_new_labels: int) -> RetrainGate:
+    """Retrain only when at least ``min_new_labels`` labels arrived since the last retrain."""
+    n_labels = load_labels(layout).num_rows
+    state = read_json(layout.retrain_state, default={"labels_at_last_retrain": 0})
+    new = n_labels - int(state.get("labels_at_last_retrain", 0))
+    if n_labels == 0:
+        return RetrainGate(0, 0, False, "no labels yet")
+    if new < min_new_labels:
+        return RetrainGate(n_labels, new, False, f"{new} new labels < min_new_labels={min_new_labels}")
+    return RetrainGate(n_labels, new, True, f"{new} new labels")
+
+
+def record_retrain(layout: DataLayout, n_labels: int, version: str) -> None:
+    """Remember how many labels the last registered candidate saw (the gate's reference)."""
+    atomic_write_json(layout.retrain_state, {"labels_at_last_retrain": n_labels, "last_version": version,
+                                             "at": datetime.now(timezone.utc).isoformat()})
+
+
+def retrain_and_report(layout: DataLayout, labels: Sequence[str], min_new_labels: int = 0, fusion: str = "concat",
+                       epochs: int = 30, margin: float = 0.0, seed: int = 13) -> tuple[RetrainGate, RetrainResult | None]:
+    """The retrain unit a flow runs: gate, train + evaluate + register + promote, remember, and
+    publish the candidate-vs-production table as a Prefect artifact."""
+    from tasks.preprocess import PREP_VERSION
+
+    gate = retrain_gate(layout, min_new_labels)
+    if not gate.go:
+        return gate, None
+    result = retrain(layout, labels, prep_version=PREP_VERSION, fusion=fusion, epochs=epochs, margin=margin,
+                     seed=seed)
+    if result.version is not None:
+        record_retrain(layout, gate.n_labels, result.version)
+        publish_markdown(result.markdown(), key="retrain-comparison",
+                         description="candidate vs production on the frozen holdout")
+    return gate, result
+
+
+retrain_task = task(retrain_and_report, name="retrain-model", **IO_RETRY)
+update_group_index_task = task(update_group_index, name="update-group-index", **IO_RETRY)

@@ -27,8 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from affectloop.services import free_port, stop_process  # noqa: E402
-from affectloop.settings import DEFAULT_LABELS, Limits  # noqa: E402
+from core.processes import free_port, stop_process  # noqa: E402
+from core.settings import DEFAULT_LABELS, Limits  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REALMIX_DIR = Path(os.environ.get("AFFECTLOOP_REALMIX", REPO_ROOT.parent / "shared" / "data" / "realmix"))

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from affectloop.demo import generate_demo
-from affectloop.settings import DEFAULT_LABELS
+from core.settings import DEFAULT_LABELS
 from tasks.features import extract_features
 from tasks.ingest import find_manifest, ingest_local
 

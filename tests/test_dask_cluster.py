@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from affectloop.demo import generate_demo
-from affectloop.settings import get_settings
+from core.settings import get_settings
 
 pytestmark = pytest.mark.service
 
@@ -47,7 +47,8 @@ def _features(paths: list[str]) -> pa.Table:
 def test_external_scheduler_gives_the_local_cluster_outputs(prefect_api, small_demo_source, dask_cluster, tmp_path):
     from distributed import Client
 
-    from flows.features import build_features, with_runner
+    from flows.features import build_features
+    from flows.runner import with_runner
 
     results = {}
     for name, overrides in (("external", {"dask_address": dask_cluster}), ("local", {"dask_workers": 2})):

@@ -11,8 +11,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from affectloop.demo import DEFECTS, generate_demo, main
-from affectloop.settings import DEFAULT_LABELS
+from affectloop.demo import DEFECTS, generate_demo
+from core.settings import DEFAULT_LABELS
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -47,9 +47,16 @@ def test_regenerating_replaces_the_folder(tmp_path):
 
 
 def test_cli_prints_a_summary(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "d"), "-n", "20", "--seed", "1", "--audio-fraction", "0.5"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["n_records"] == 20 and set(summary["defects"]) == set(DEFECTS)
+    from typer.testing import CliRunner
+
+    from affectloop.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "-n", "20", "--seed", "1",
+                                      "--audio-fraction", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "demo source" in result.output and " 20 " in result.output
+    rows = _rows(tmp_path / "d")
+    assert len(rows) == 20 and {r["demo_defect"] for r in rows if "demo_defect" in r} == set(DEFECTS)
 
 
 def test_defects_are_there_and_really_broken(demo_source):

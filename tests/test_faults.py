@@ -39,8 +39,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from affectloop.services import free_port, stop_process
-from affectloop.settings import DEFAULT_LABELS, get_settings
+from core.processes import free_port, stop_process
+from core.settings import DEFAULT_LABELS, get_settings
 from tests.pipeline_helpers import make_source, tiny_production_model
 
 pytestmark = pytest.mark.service
@@ -188,7 +188,7 @@ STALLING_DRIVER = textwrap.dedent('''
 
     import pyarrow.parquet as pq
 
-    import affectloop.io as atomic_io
+    import core.io as atomic_io
 
 
     class StallingWriter(pq.ParquetWriter):
@@ -198,11 +198,11 @@ STALLING_DRIVER = textwrap.dedent('''
             time.sleep(600)  # the test SIGKILLs this process here
 
 
-    # Only the partition writer of affectloop.io stalls; single-file writes are untouched.
+    # Only the partition writer of core.io stalls; single-file writes are untouched.
     atomic_io.pq = types.SimpleNamespace(ParquetWriter=StallingWriter, write_table=pq.write_table)
 
     if __name__ == "__main__":
-        from affectloop.settings import get_settings
+        from core.settings import get_settings
         from flows.nightly_build import nightly_build
         from flows.runner import make_task_runner
 
@@ -270,6 +270,7 @@ def test_flow_killed_mid_write_leaves_no_partial_partition_and_rerun_completes(b
 def test_label_studio_killed_mid_push_then_rerun_gives_one_task_per_record(base, tmp_path):
     from tasks.labelstudio.client import LabelStudioClient, RetryPolicy
     from tasks.labelstudio.project import ensure_project
+    from core.layout import LabelStudioLayout
     from tasks.labelstudio.push import push_selection, read_ledger
     from tasks.labelstudio.server import LocalLabelStudio
     from tests.test_labelstudio_service import LS_VENV, _seed_from_template
@@ -286,7 +287,7 @@ def test_label_studio_killed_mid_push_then_rerun_gives_one_task_per_record(base,
         "image": [r.get("image") for r in records], "audio": [r.get("audio") for r in records],
         "predicted_label": ["joy"] * len(records), "confidence": [0.4] * len(records),
         "model_version": ["v-test"] * len(records)})
-    state_dir = tmp_path / "state"
+    state_dir = LabelStudioLayout(tmp_path / "state")
     try:
         client = LabelStudioClient(server.start(), retry=RetryPolicy(attempts=2, base_delay_s=0.1))
         project = ensure_project(client, DEFAULT_LABELS, source, source.parent)
@@ -318,7 +319,7 @@ def test_label_studio_killed_mid_push_then_rerun_gives_one_task_per_record(base,
         assert sorted(on_server) == sorted(wanted)  # nothing lost, no duplicate
         ledger = read_ledger(state_dir)["record_id"].to_pylist()
         assert sorted(ledger) == sorted(wanted)
-        assert not (state_dir / "pending.parquet").exists()
+        assert not state_dir.pending.exists()
     finally:
         server.stop()
 
@@ -371,7 +372,7 @@ def test_corrupted_model_file_gives_a_clear_error_and_production_unchanged(base,
 
 def _score_parts(folder: Path, n_rows: int, seed: int) -> list[Path]:
     """Score parts of random probabilities (they compress badly: ~50 bytes a row)."""
-    from affectloop.io import write_parquet
+    from core.io import write_parquet
     from tasks.score import scores_table
 
     rng = np.random.default_rng(seed)
@@ -397,9 +398,9 @@ FULL_DISK_WRITES = textwrap.dedent('''
 
     import pyarrow.parquet as pq
 
-    from affectloop.io import atomic_write_json, write_parquet
+    from core.io import atomic_write_json, write_parquet
     from tasks.publish import publish_rejects, publish_scores
-    from affectloop.settings import DEFAULT_LABELS
+    from core.settings import DEFAULT_LABELS
 
     data_root, parts = Path(sys.argv[1]), sys.argv[2:]
     outcomes = {}

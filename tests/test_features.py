@@ -18,8 +18,8 @@ import soundfile as sf
 from PIL import Image
 
 import tasks.features as F
-from affectloop.schemas import REJECTS_SCHEMA, FeatureSpec, features_schema
-from affectloop.settings import DEFAULT_LABELS
+from core.schemas import REJECTS_SCHEMA, FeatureSpec, features_schema
+from core.settings import DEFAULT_LABELS
 from tasks.ingest import content_hash, split_manifest, validate_partition
 
 SPEC = FeatureSpec()
@@ -205,7 +205,7 @@ def test_real_records_from_realmix(realmix_dir, tmp_path):
                         "audio": row.get("audio"), "label": row.get("label"), "has_image": image is not None,
                         "has_text": row.get("text") is not None, "has_audio": audio is not None,
                         "content_hash": content_hash(row.get("text"), image, audio), "metadata": None})
-    from affectloop.schemas import RECORDS_SCHEMA
+    from core.schemas import RECORDS_SCHEMA
 
     path = tmp_path / "records" / "part-00000.parquet"
     path.parent.mkdir()

@@ -28,7 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from affectloop.settings import get_settings
+from core.settings import get_settings
 from tests.badinputs import MANIFEST_KINDS, build_corpus, write_bad_manifests
 from tests.pipeline_helpers import make_source, tiny_production_model
 

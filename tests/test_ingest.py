@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFile
 
-from affectloop.schemas import LABELS_SCHEMA, RECORDS_SCHEMA, REJECT_REASONS, REJECTS_SCHEMA
-from affectloop.settings import DEFAULT_LABELS, Limits
+from core.schemas import LABELS_SCHEMA, RECORDS_SCHEMA, REJECT_REASONS, REJECTS_SCHEMA
+from core.settings import DEFAULT_LABELS, Limits
 from tasks.ingest import (
     CHUNK_SCHEMA,
     ManifestError,
@@ -474,7 +474,8 @@ def test_ingest_realmix(realmix_dir, tmp_path):
 def test_prefect_wrapper_retries_only_io_errors():
     from prefect.states import Completed, Failed
 
-    from tasks.ingest import retry_on_io_error, validate_partition_task
+    from tasks.ingest import validate_partition_task
+    from tasks.retry import retry_on_io as retry_on_io_error
 
     assert validate_partition_task.fn is validate_partition and validate_partition_task.retries >= 1
     assert retry_on_io_error(validate_partition_task, None, Failed(data=OSError(5, "Input/output error")))

@@ -23,9 +23,14 @@ from tasks.labelstudio import push as push_module
 from tasks.labelstudio.annotator import SimulatedAnnotator
 from tasks.labelstudio.client import LabelStudioClient, RetryPolicy
 from tasks.labelstudio.project import ensure_project, project_title
+from core.layout import DataLayout, LabelStudioLayout
+from core.processes import free_port
 from tasks.labelstudio.push import push_selection, read_ledger
-from tasks.labelstudio.server import (LabelStudioAuthError, LabelStudioError, LocalLabelStudio, credentials_path,
-                                      free_port, resolve_credentials)
+from tasks.labelstudio.server import LabelStudioAuthError, LabelStudioError, LocalLabelStudio, resolve_credentials
+
+
+def credentials_path(data_root):
+    return DataLayout(data_root).labelstudio.credentials
 from tasks.labelstudio.sync import sync_annotations
 
 pytestmark = pytest.mark.service
@@ -158,8 +163,8 @@ def test_push_twice_gives_no_duplicate_tasks(client, ls_root, tmp_path):
     assert (second.n_pushed, second.n_skipped_already) == (1, 7)
     ids = _server_record_ids(client, project.project_id)
     assert sorted(ids) == sorted(f"r{i}" for i in range(8))
-    assert read_ledger(tmp_path).num_rows == 8
-    task = client.sdk.tasks.get(id=str(read_ledger(tmp_path).column("task_id")[0].as_py()))
+    assert read_ledger(LabelStudioLayout(tmp_path)).num_rows == 8
+    task = client.sdk.tasks.get(id=str(read_ledger(LabelStudioLayout(tmp_path)).column("task_id")[0].as_py()))
     (prediction,) = task.predictions
     assert prediction.model_version == "test-v1" and prediction.result[0]["value"] == {"choices": ["joy"]}
     assert task.data["image"].startswith("/data/local-files/?d=source/media/face.png")
@@ -175,7 +180,7 @@ def test_crash_between_import_and_ledger_write_then_rerun_gives_no_duplicates(cl
     with pytest.raises(KeyboardInterrupt):
         push_selection(client, project, _selection(5), tmp_path)
     monkeypatch.undo()
-    assert read_ledger(tmp_path).num_rows == 0  # the ledger never heard of the import
+    assert read_ledger(LabelStudioLayout(tmp_path)).num_rows == 0  # the ledger never heard of the import
     assert len(_server_record_ids(client, project.project_id)) == 5
 
     rerun = push_selection(client, project, _selection(6), tmp_path)
@@ -203,7 +208,7 @@ def test_server_stopped_mid_push_next_run_completes(client, label_studio, ls_roo
         assert (down.n_pushed, down.n_pending) == (0, 5)
     finally:
         label_studio.start()
-    rerun = push_selection(client, project, None, tmp_path, batch_size=2)
+    rerun = push_selection(client, project, None, LabelStudioLayout(tmp_path), batch_size=2)
     assert (rerun.n_pushed, rerun.n_pending) == (5, 0)
     assert not (tmp_path / "pending.parquet").exists()
     ids = _server_record_ids(client, project.project_id)
@@ -226,7 +231,7 @@ def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreemen
         stats = annotator.login().annotate_pending(project.project_id)
         assert stats.annotated == len(gold) and stats.skipped == 5 - len(gold)
 
-    labels_dir, state_dir = tmp_path / "labels", tmp_path / "state"
+    labels_dir, state_dir = tmp_path / "labels" / "annotations.parquet", LabelStudioLayout(tmp_path / "state")
     result = sync_annotations(client, project, labels_dir, state_dir)
     # By hand: r0 joy 3/3; r1 anger 2/3; r2 fear/sadness/neutral tie; r3 joy 2/2 (ann1 skipped);
     # r4 sadness/anger tie (ann3 skipped). Krippendorff's alpha over the 13 pairable values:
@@ -243,7 +248,7 @@ def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreemen
     # Incremental: nothing new, nothing changes. One more vote breaks the r4 tie.
     again = sync_annotations(client, project, labels_dir, state_dir)
     assert again.n_tasks_changed == 0 and again.n_labels_total == 3
-    task_id = next(r["task_id"] for r in read_ledger(tmp_path).to_pylist() if r["record_id"] == "r4")
+    task_id = next(r["task_id"] for r in read_ledger(LabelStudioLayout(tmp_path)).to_pylist() if r["record_id"] == "r4")
     fourth = SimulatedAnnotator(label_studio.url, "ann4@team.test", "pw-ann4ann4", labels, {})
     fourth.login().annotate(task_id, project.project_id, "sadness")
     third = sync_annotations(client, project, labels_dir, state_dir)
@@ -270,24 +275,25 @@ def test_wrong_token_gives_clear_error_naming_the_setting(label_studio, tmp_path
 
 def test_flow_level_push_keeps_selection_pending_while_unreachable_then_pushes_it(label_studio, ls_root, tmp_path,
                                                                                  monkeypatch):
-    from affectloop.settings import get_settings
+    from core.settings import get_settings
     from tasks.labelstudio.resource import push_to_labelstudio, sync_from_labelstudio
 
     token = label_studio.credentials().token
     monkeypatch.setenv("AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT", str(ls_root))
     labels = ",".join(_labels("flow"))
     down = get_settings(data_root=tmp_path, labels=labels, label_studio_url=f"http://127.0.0.1:{free_port()}",
-                        label_studio_token=token)
-    result = push_to_labelstudio(down, _selection(3), ls_root / "source", model_version="test-v1")
+                        label_studio_token=token, source=str(ls_root / "source"))
+    result = push_to_labelstudio(down, _selection(3), model_version="test-v1")
     assert (result.n_pushed, result.n_pending) == (0, 3) and result.error
     assert token.get_secret_value() not in result.error
 
-    up = get_settings(data_root=tmp_path, labels=labels, label_studio_url=label_studio.url, label_studio_token=token)
-    result = push_to_labelstudio(up, _selection(4), ls_root / "source")
+    up = get_settings(data_root=tmp_path, labels=labels, label_studio_url=label_studio.url, label_studio_token=token,
+                      source=str(ls_root / "source"))
+    result = push_to_labelstudio(up, _selection(4))
     assert (result.n_pushed, result.n_pending, result.n_selected) == (4, 0, 4)
-    again = push_to_labelstudio(up, _selection(4), ls_root / "source")
+    again = push_to_labelstudio(up, _selection(4))
     assert (again.n_pushed, again.n_skipped_already) == (0, 4)
-    synced = sync_from_labelstudio(up, ls_root / "source")
+    synced = sync_from_labelstudio(up)
     assert synced.n_tasks_annotated == 0 and synced.n_labels_total == 0
     assert "Krippendorff" in synced.markdown()
 
@@ -303,6 +309,7 @@ def test_simulated_team_with_error_rate_one_never_answers_gold(client, label_stu
                                          error_rate=1.0, seed=5, domain="noisy.test")
     assert (first.annotated, first.correct) == (4, 0)
     assert second.annotated == 0  # one annotation per task: the stream is empty for the second
-    result = sync_annotations(client, project, tmp_path / "labels", tmp_path / "state")
+    result = sync_annotations(client, project, tmp_path / "labels" / "annotations.parquet",
+                              LabelStudioLayout(tmp_path / "state"))
     rows = pq.read_table(tmp_path / "labels" / "annotations.parquet").to_pylist()
     assert result.n_resolved == 4 and all(row["label"] != gold[row["record_id"]] for row in rows)

@@ -11,16 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import SecretStr
 
-from affectloop.schemas import LABELS_SCHEMA
+from core.schemas import LABELS_SCHEMA
 from tasks.labelstudio.agreement import krippendorff_alpha_nominal, majority
 from tasks.labelstudio.client import LabelStudioClient, LabelStudioUnavailable, RetryPolicy
 from tasks.labelstudio.project import (FROM_NAME, NO_IMAGE_PLACEHOLDER, TO_NAME, LabelStudioProject,
                                        label_set_hash, labeling_config, project_title)
 from tasks.labelstudio.push import normalize_selection, task_payload
-from tasks.labelstudio.retry import is_io_failure
-from tasks.labelstudio.server import (LabelStudioAuthError, LabelStudioError, credentials_path, free_port,
+from core.layout import DataLayout
+from core.processes import free_port
+from tasks.retry import is_io_failure
+from tasks.labelstudio.server import (LabelStudioAuthError, LabelStudioError,
                                       resolve_credentials)
-from tasks.labelstudio.sync import Watermark, merge_labels, resolve_tasks
+from tasks.labelstudio.sync import Watermark, merge_annotation_rows, resolve_tasks
 
 LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 
@@ -160,9 +162,9 @@ def test_resolve_tasks_ignores_cancelled_and_skipped_and_respects_the_watermark(
 def test_merge_labels_latest_resolution_wins_and_ties_remove_earlier_rows(tmp_path):
     when = datetime(2026, 1, 1, tzinfo=timezone.utc)
     row = {"source": "annotation", "annotators": 1, "agreement": 1.0, "ls_task_id": 1, "annotated_at": when}
-    merge_labels(tmp_path, [{**row, "record_id": "a", "label": "joy"}, {**row, "record_id": "b", "label": "fear"}],
+    merge_annotation_rows(tmp_path / "annotations.parquet", [{**row, "record_id": "a", "label": "joy"}, {**row, "record_id": "b", "label": "fear"}],
                  {"a", "b"})
-    path, n = merge_labels(tmp_path, [{**row, "record_id": "a", "label": "anger"}], {"a", "b"})
+    path, n = merge_annotation_rows(tmp_path / "annotations.parquet", [{**row, "record_id": "a", "label": "anger"}], {"a", "b"})
     table = pq.read_table(path)
     assert table.schema.equals(LABELS_SCHEMA, check_metadata=False)
     assert n == 1 and table.column("label").to_pylist() == ["anger"]
@@ -171,7 +173,7 @@ def test_merge_labels_latest_resolution_wins_and_ties_remove_earlier_rows(tmp_pa
 def test_environment_credentials_win_and_the_token_never_shows(tmp_path):
     token = "0123456789abcdef0123456789abcdef01234567"
     file_token = "f" * 40
-    path = credentials_path(tmp_path)
+    path = DataLayout(tmp_path).labelstudio.credentials
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"url": "http://127.0.0.1:1", "token": file_token}))
     from_env = resolve_credentials(tmp_path, url="http://ls.example:8080/", token=SecretStr(token))

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pytest  # noqa: E402
 
-from affectloop.schemas import FeatureSpec, features_schema  # noqa: E402
+from core.schemas import FeatureSpec, features_schema  # noqa: E402
 from model.calibration import fit_temperature, softmax  # noqa: E402
 from model.estimator import FusionClassifier  # noqa: E402
 from model.inputs import arrays_from_features, mask_modalities, presence  # noqa: E402

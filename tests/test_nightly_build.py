@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from affectloop.settings import get_settings
+from core.settings import get_settings
 from tests.pipeline_helpers import make_source, tiny_production_model
 
 pytestmark = pytest.mark.service

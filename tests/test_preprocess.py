@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from affectloop.schemas import FeatureSpec
+from core.schemas import FeatureSpec
 from tasks.preprocess import PREP_VERSION
 from tasks.preprocess import audio as A
 from tasks.preprocess import image as I

@@ -18,11 +18,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from affectloop.io import write_parquet
-from affectloop.schemas import scores_schema, schema_to_json
-from affectloop.settings import DEFAULT_LABELS
-from tasks.publish import load_labels, merge_labels, publish_rejects, publish_scores
-from tasks.score import scores_table, uncertainty_columns
+from core.io import write_parquet
+from core.schemas import scores_schema, schema_to_json
+from core.settings import DEFAULT_LABELS
+from core.layout import DataLayout
+from tasks.labels import load_labels, merge_labels
+from tasks.publish import publish_rejects, publish_scores
+from model.uncertainty import uncertainty_columns
+from tasks.score import scores_table
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = list(DEFAULT_LABELS)
@@ -111,7 +114,7 @@ def test_rerun_replaces_the_partition(tmp_path):
 
 
 def test_rejects_partition_counts(tmp_path):
-    from affectloop.schemas import rejects_table
+    from core.schemas import rejects_table
 
     part = tmp_path / "r.parquet"
     write_parquet(rejects_table([
@@ -125,7 +128,7 @@ def test_rejects_partition_counts(tmp_path):
 
 
 def test_labels_merge_is_an_upsert_and_gold_wins(tmp_path):
-    from affectloop.schemas import LABELS_SCHEMA
+    from core.schemas import LABELS_SCHEMA
 
     def rows(pairs, source):
         return pa.table({
@@ -134,10 +137,11 @@ def test_labels_merge_is_an_upsert_and_gold_wins(tmp_path):
             "ls_task_id": [None] * len(pairs), "annotated_at": [None] * len(pairs),
         }).cast(LABELS_SCHEMA)
 
-    assert merge_labels(tmp_path / "annotations.parquet", rows([("a", "joy"), ("b", "fear")], "annotation")) == 2
-    assert merge_labels(tmp_path / "annotations.parquet", rows([("b", "anger"), ("c", "joy")], "annotation")) == 3
-    merge_labels(tmp_path / "gold.parquet", rows([("a", "sadness")], "gold"))
-    resolved = {r["record_id"]: (r["label"], r["source"]) for r in load_labels(tmp_path).to_pylist()}
+    layout = DataLayout(tmp_path)
+    assert merge_labels(layout.annotation_labels, rows([("a", "joy"), ("b", "fear")], "annotation")) == 2
+    assert merge_labels(layout.annotation_labels, rows([("b", "anger"), ("c", "joy")], "annotation")) == 3
+    merge_labels(layout.gold_labels, rows([("a", "sadness")], "gold"))
+    resolved = {r["record_id"]: (r["label"], r["source"]) for r in load_labels(layout).to_pylist()}
     assert resolved == {"a": ("sadness", "gold"), "b": ("anger", "annotation"), "c": ("joy", "annotation")}
 
 
@@ -148,7 +152,7 @@ CRASH_WRITER = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import tasks.publish as publish
     from tests.test_publish import _fake_scores, LABELS
-    from affectloop.io import write_parquet
+    from core.io import write_parquet
 
     tmp = Path(sys.argv[2])
     parts = []
@@ -189,7 +193,7 @@ def test_writer_killed_mid_write_leaves_no_partial_partition(tmp_path):
     assert [p.name for p in before.iterdir()] == ["part-00000.parquet"]
 
     # The rerun completes and replaces the partition.
-    from affectloop.io import clean_staging
+    from core.io import clean_staging
 
     assert clean_staging(tmp_path / "data") >= 1
     parts = sorted((tmp_path / "scratch").glob("p[0-9]*.parquet"))

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from affectloop.schemas import scores_schema
-from affectloop.settings import DEFAULT_LABELS
+from core.schemas import scores_schema
+from core.settings import DEFAULT_LABELS
 from model.inputs import arrays_from_features
 from tasks.score import EMBEDDING_COLUMN, load_model_cached, score_partition
 from tests.pipeline_helpers import make_source, tiny_production_model
@@ -49,7 +49,7 @@ def test_the_model_is_loaded_once_per_process(scored):
 def test_stopping_signal_compares_the_same_sample_every_round(tmp_path):
     from datetime import datetime, timezone
 
-    from affectloop.io import write_parquet
+    from core.io import write_parquet
     from tasks.score import scores_table
     from tasks.select import update_stopping_signal
 

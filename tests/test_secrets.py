@@ -25,8 +25,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from affectloop.settings import get_settings
-from tasks.labelstudio.server import LocalLabelStudio, credentials_path, free_port
+from core.settings import get_settings
+from core.layout import DataLayout
+from core.processes import free_port
+from tasks.labelstudio.server import LocalLabelStudio
+
+
+def credentials_path(data_root):
+    return DataLayout(data_root).labelstudio.credentials
 from tests.pipeline_helpers import make_source, tiny_production_model
 
 pytestmark = pytest.mark.service
@@ -107,7 +113,7 @@ def test_token_appears_only_in_the_private_credentials_file(tmp_path, prefect_ap
         assert built.is_completed(), built.message
         token = json.loads(credentials_path(data_root).read_text())["token"]  # the server's API token
         assert len(token) == 40
-        ledger = read_ledger(data_root / "state" / "labelstudio")
+        ledger = read_ledger(DataLayout(data_root).labelstudio)
         assert ledger.num_rows == 4  # really pushed
         truth = {json.loads(line)["record_id"]: json.loads(line)["true_label"]
                  for line in (source / "manifest.jsonl").read_text().splitlines()}
@@ -162,7 +168,7 @@ def _auth_failures(source: Path, data_root: Path, token: str, monkeypatch) -> li
         assert state.is_failed()
         texts.append(str(state.message))
         for call in (lambda: LabelStudioClient(resolve_credentials(data_root, url=url, token=token)).whoami(),
-                     lambda: push_to_labelstudio(get_settings(data_root=data_root), None, source)):
+                     lambda: push_to_labelstudio(get_settings(data_root=data_root, source=str(source)), None)):
             with pytest.raises(LabelStudioAuthError) as info:
                 call()
             texts += [str(info.value), repr(info.value), "".join(traceback.format_exception(info.value))]

@@ -29,7 +29,7 @@ PROBS = np.array([
 
 def test_scores_match_hand_computation() -> None:
     np.testing.assert_allclose(selection.least_confidence(PROBS), [0.10, 0.60, 0.50, 0.66, 0.30])
-    np.testing.assert_allclose(selection.margin(PROBS), [0.15, 0.95, 0.98, 0.99, 0.50])
+    np.testing.assert_allclose(selection.margin_uncertainty(PROBS), [0.15, 0.95, 0.98, 0.99, 0.50])
     h = -(np.array([0.4, 0.35, 0.25]) * np.log([0.4, 0.35, 0.25])).sum() / math.log(3)
     assert selection.entropy(PROBS)[1] == pytest.approx(h)
     assert selection.entropy(np.full((1, 4), 0.25))[0] == pytest.approx(1.0)

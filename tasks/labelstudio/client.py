@@ -25,6 +25,7 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
+from tasks.retry import TransientError
 from tasks.labelstudio.server import LabelStudioAuthError, LabelStudioCredentials, LabelStudioError
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ T = TypeVar("T")
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-class LabelStudioUnavailable(LabelStudioError):
+class LabelStudioUnavailable(LabelStudioError, TransientError):
     """The server could not be reached (or kept failing) after all retries."""
 
 

@@ -18,11 +18,8 @@ from typing import Sequence
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.labelstudio.client import LabelStudioClient
-from tasks.labelstudio.retry import retry_on_io
 from tasks.labelstudio.server import LabelStudioError
 
 FROM_NAME = "emotion"  # the Choices control
@@ -151,8 +148,3 @@ def _ensure_local_storage(client: LabelStudioClient, project_id: int, source: Pa
         if Path(storage["path"] or "").resolve() == source:
             return int(storage["id"])
     return client.create_local_storage(project_id, str(source), title="affectloop source")
-
-
-# Prefect wrapper: retries on I/O failures only (an auth or config error would fail again).
-ensure_project_task = task(name="labelstudio-ensure-project", retries=3, retry_delay_seconds=[5, 15, 45],
-                           retry_condition_fn=retry_on_io, tags=["labelstudio"], cache_policy=NO_CACHE)(ensure_project)

@@ -26,14 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from affectloop.io import write_parquet
-from affectloop.schemas import UTC_TS
+from core.io import write_parquet
+from core.layout import LabelStudioLayout
+from core.schemas import UTC_TS
 from tasks.labelstudio.client import LabelStudioClient, LabelStudioUnavailable, batched
 from tasks.labelstudio.project import FROM_NAME, NO_IMAGE_PLACEHOLDER, TO_NAME, LabelStudioProject
-from tasks.labelstudio.retry import retry_on_io
 from tasks.labelstudio.server import LabelStudioAuthError, LabelStudioError
 
 log = logging.getLogger(__name__)
@@ -74,21 +72,13 @@ class PushResult:
         return asdict(self)
 
 
-def ledger_path(state_dir: str | os.PathLike) -> Path:
-    return Path(state_dir) / "ledger.parquet"
-
-
-def pending_path(state_dir: str | os.PathLike) -> Path:
-    return Path(state_dir) / "pending.parquet"
-
-
-def read_ledger(state_dir: str | os.PathLike) -> pa.Table:
-    path = ledger_path(state_dir)
+def read_ledger(state: LabelStudioLayout) -> pa.Table:
+    path = state.ledger
     return pq.read_table(path, schema=LEDGER_SCHEMA) if path.exists() else LEDGER_SCHEMA.empty_table()
 
 
-def _write_ledger(state_dir: str | os.PathLike, ledger: pa.Table) -> None:
-    write_parquet(ledger.cast(LEDGER_SCHEMA), ledger_path(state_dir))
+def _write_ledger(state: LabelStudioLayout, ledger: pa.Table) -> None:
+    write_parquet(ledger.cast(LEDGER_SCHEMA), state.ledger)
 
 
 def normalize_selection(selected: pa.Table | str | os.PathLike | None, model_version: str | None = None) -> pa.Table:
@@ -158,8 +148,8 @@ def _ledger_rows(project_id: int, pairs: Iterable[tuple[str, int]], how: str) ->
     }, schema=LEDGER_SCHEMA)
 
 
-def write_pending(state_dir: Path, pending: pa.Table) -> None:
-    path = pending_path(state_dir)
+def write_pending(state: LabelStudioLayout, pending: pa.Table) -> None:
+    path = state.pending
     if pending.num_rows:
         write_parquet(pending, path)
     elif path.exists():
@@ -167,7 +157,7 @@ def write_pending(state_dir: Path, pending: pa.Table) -> None:
 
 
 def push_selection(client: LabelStudioClient, project: LabelStudioProject,
-                   selected: pa.Table | str | os.PathLike | None, state_dir: str | os.PathLike,
+                   selected: pa.Table | str | os.PathLike | None, state: LabelStudioLayout,
                    model_version: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                    on_batch: Callable[[int, int], None] | None = None) -> PushResult:
     """Send the selection (plus anything pending) to ``project``; never send a record twice.
@@ -175,35 +165,34 @@ def push_selection(client: LabelStudioClient, project: LabelStudioProject,
     ``on_batch(batch_index, n_tasks)`` is called after each batch is imported and recorded
     (progress reporting; tests use it to stop the server mid-push).
     """
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state.root.mkdir(parents=True, exist_ok=True)
     # One push at a time per state folder: two concurrent pushes (a Prefect retry racing a
     # recomputed Dask task) would both see a record as unsent.
-    with open(state_dir / "push.lock", "a+b") as lock:
+    with open(state.push_lock, "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _push_locked(client, project, selected, state_dir, model_version, batch_size, on_batch)
+            return _push_locked(client, project, selected, state, model_version, batch_size, on_batch)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _push_locked(client: LabelStudioClient, project: LabelStudioProject,
-                 selected: pa.Table | str | os.PathLike | None, state_dir: Path, model_version: str | None,
+                 selected: pa.Table | str | os.PathLike | None, state: LabelStudioLayout, model_version: str | None,
                  batch_size: int, on_batch: Callable[[int, int], None] | None) -> PushResult:
-    earlier = normalize_selection(pending_path(state_dir)) if pending_path(state_dir).exists() \
+    earlier = normalize_selection(state.pending) if state.pending.exists() \
         else SELECTION_SCHEMA.empty_table()
     candidates = last_per_record(pa.concat_tables([earlier, normalize_selection(selected, model_version)]))
     n_selected = candidates.num_rows
     project_id = project.project_id
 
-    ledger = read_ledger(state_dir)
+    ledger = read_ledger(state)
     in_project = pc.equal(ledger.column("project_id"), project_id)
     known: dict[str, int] = dict(zip(ledger.filter(in_project).column("record_id").to_pylist(),
                                      ledger.filter(in_project).column("task_id").to_pylist()))
     try:
         on_server = {t["data"].get("record_id"): int(t["id"]) for t in client.iter_tasks(project_id)}
     except LabelStudioUnavailable as exc:
-        write_pending(state_dir, candidates)
+        write_pending(state, candidates)
         log.warning("Label Studio unavailable; %d records stay pending: %s", n_selected, exc)
         return PushResult(project_id, n_selected, 0, 0, 0, n_selected, error=str(exc))
 
@@ -211,7 +200,7 @@ def _push_locked(client: LabelStudioClient, project: LabelStudioProject,
     adopted = [(r, t) for r, t in on_server.items() if r is not None and r not in known]
     if adopted:
         ledger = pa.concat_tables([ledger, _ledger_rows(project_id, adopted, "adopted")])
-        _write_ledger(state_dir, ledger)
+        _write_ledger(state, ledger)
         known.update(adopted)
         log.info("adopted %d tasks found in Label Studio but missing from the ledger", len(adopted))
 
@@ -220,7 +209,7 @@ def _push_locked(client: LabelStudioClient, project: LabelStudioProject,
     n_skipped = n_selected - to_send.num_rows
 
     # Recorded before the first request, so a crash mid-push loses nothing of the selection.
-    write_pending(state_dir, to_send)
+    write_pending(state, to_send)
     rows = to_send.to_pylist()
     n_pushed = 0
     for index, batch in enumerate(batched(rows, batch_size)):
@@ -231,20 +220,20 @@ def _push_locked(client: LabelStudioClient, project: LabelStudioProject,
             # This batch may or may not have landed (a timeout after sending): the next run's
             # server check adopts whatever did, and sends the rest.
             remaining = to_send.slice(n_pushed)
-            write_pending(state_dir, remaining)
+            write_pending(state, remaining)
             log.warning("Label Studio unavailable after %d tasks; %d records stay pending: %s",
                         n_pushed, remaining.num_rows, exc)
             return PushResult(project_id, n_selected, n_pushed, n_skipped, len(adopted), remaining.num_rows,
                               error=str(exc))
         ledger = pa.concat_tables([ledger, _ledger_rows(project_id, zip([r["record_id"] for r in batch], task_ids),
                                                         "import")])
-        _write_ledger(state_dir, ledger)
+        _write_ledger(state, ledger)
         n_pushed += len(batch)
-        write_pending(state_dir, to_send.slice(n_pushed))
+        write_pending(state, to_send.slice(n_pushed))
         if on_batch is not None:
             on_batch(index, len(batch))
 
-    write_pending(state_dir, SELECTION_SCHEMA.empty_table())
+    write_pending(state, SELECTION_SCHEMA.empty_table())
     _use_for_prelabeling(client, project_id, to_send)
     return PushResult(project_id, n_selected, n_pushed, n_skipped, len(adopted), 0)
 
@@ -264,9 +253,3 @@ def _use_for_prelabeling(client: LabelStudioClient, project_id: int, pushed: pa.
         raise
     except LabelStudioError as exc:  # the tasks are in; pre-labeling is a convenience, the next push retries
         log.warning("could not set the project's pre-labeling model version: %s", exc)
-
-
-# Prefect wrapper (never cached: a push must reach the server). push_selection itself turns "server down" into a pending result, so the
-# retries here only cover local I/O (the ledger or pending file on a flaky disk).
-push_selection_task = task(name="labelstudio-push", retries=2, retry_delay_seconds=[10, 30],
-                           retry_condition_fn=retry_on_io, tags=["labelstudio"], cache_policy=NO_CACHE)(push_selection)

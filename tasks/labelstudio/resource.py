@@ -1,31 +1,38 @@
-"""What flows call: Label Studio as one resource built from Settings.
+"""What flows call: Label Studio as one resource built from Settings (dagster's resource idea).
 
 ``connect`` picks the server (``AFFECTLOOP_LABEL_STUDIO_URL`` + token when set, otherwise
-the local one, started on demand) and bootstraps the project. ``push_to_labelstudio`` and
-``sync_from_labelstudio`` are the two units a flow runs; the push never fails a nightly
-build because Label Studio is down: the selection stays pending for the next run.
+the local one, started on demand) and bootstraps the project. ``push_to_labelstudio``,
+``sync_from_labelstudio`` and (demo, tests) ``simulate_annotators`` are the units a flow
+runs; the push never fails a nightly build because Label Studio is down: the selection
+stays pending for the next run. These take the whole ``Settings`` because the resource is
+configured by several of its fields (server, token, port, labels, document root); every
+other task takes the paths it reads and writes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from affectloop.settings import Settings
+from core.layout import LabelStudioLayout
+from core.settings import Settings
 from tasks.labelstudio.client import LabelStudioClient, LabelStudioUnavailable
 from tasks.labelstudio.project import LabelStudioProject, ensure_project
-from tasks.labelstudio.push import (PushResult, last_per_record, normalize_selection, pending_path,
-                                    push_selection, write_pending)
-from tasks.labelstudio.retry import retry_on_io
-from tasks.labelstudio.server import (LabelStudioAuthError, LabelStudioError, LocalLabelStudio,
-                                      labelstudio_state_dir, resolve_credentials)
+from tasks.labelstudio.push import PushResult, last_per_record, normalize_selection, push_selection, write_pending
+from tasks.labelstudio.server import LabelStudioAuthError, LabelStudioError, LocalLabelStudio, resolve_credentials
 from tasks.labelstudio.sync import SyncResult, sync_annotations
+from tasks.artifacts import publish_markdown
+from tasks.retry import IO_RETRY
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,7 @@ class LabelStudioSession:
     client: LabelStudioClient
     project: LabelStudioProject
     server: LocalLabelStudio | None  # None when the environment points at another server
-    state_dir: Path
+    state: LabelStudioLayout
 
 
 def document_root_for(settings: Settings, source_root: str | os.PathLike) -> Path:
@@ -63,48 +70,77 @@ def connect(settings: Settings, source_root: str | os.PathLike, start_local: boo
         creds = server.start() if start_local else resolve_credentials(settings.data_root)
     client = LabelStudioClient(creds)
     project = ensure_project(client, settings.labels, source_root, doc_root, annotations_per_task)
-    return LabelStudioSession(client, project, server, labelstudio_state_dir(settings.data_root))
+    return LabelStudioSession(client, project, server, settings.layout.labelstudio)
 
 
-def keep_pending(selected: pa.Table | str | os.PathLike | None, state_dir: str | os.PathLike,
+def keep_pending(selected: pa.Table | str | os.PathLike | None, state: LabelStudioLayout,
                  model_version: str | None = None) -> int:
     """Add a selection to the pending file (Label Studio unreachable); returns records pending."""
-    path = pending_path(state_dir)
-    earlier = normalize_selection(path) if path.exists() else normalize_selection(None)
+    earlier = normalize_selection(state.pending) if state.pending.exists() else normalize_selection(None)
     pending = last_per_record(pa.concat_tables([earlier, normalize_selection(selected, model_version)]))
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    write_pending(Path(state_dir), pending)
+    state.root.mkdir(parents=True, exist_ok=True)
+    write_pending(state, pending)
     return pending.num_rows
 
 
 def push_to_labelstudio(settings: Settings, selected: pa.Table | str | os.PathLike | None,
-                        source_root: str | os.PathLike, model_version: str | None = None,
-                        annotations_per_task: int = 1) -> PushResult:
+                        model_version: str | None = None, annotations_per_task: int = 1) -> PushResult:
     """Push a selection (plus anything pending); when Label Studio is unreachable keep it pending.
 
     A wrong token still raises ``LabelStudioAuthError`` (naming the setting to fix): that
     needs a person, not a retry.
     """
-    state_dir = labelstudio_state_dir(settings.data_root)
+    state = settings.layout.labelstudio
     try:
-        session = connect(settings, source_root, annotations_per_task=annotations_per_task)
+        session = connect(settings, source_root_of(settings), annotations_per_task=annotations_per_task)
     except LabelStudioAuthError:
         raise
     except (LabelStudioUnavailable, LabelStudioError, OSError) as exc:
-        n_pending = keep_pending(selected, state_dir, model_version)
+        n_pending = keep_pending(selected, state, model_version)
         log.warning("Label Studio unreachable; %d records stay pending: %s", n_pending, exc)
         return PushResult(project_id=-1, n_selected=n_pending, n_pushed=0, n_skipped_already=0, n_adopted=0,
                           n_pending=n_pending, error=str(exc))
-    return push_selection(session.client, session.project, selected, state_dir, model_version=model_version)
+    return push_selection(session.client, session.project, selected, state, model_version=model_version)
 
 
-def sync_from_labelstudio(settings: Settings, source_root: str | os.PathLike) -> SyncResult:
+def sync_from_labelstudio(settings: Settings) -> SyncResult:
     """Pull new annotations into ``labels/annotations.parquet`` (consensus, agreement)."""
-    session = connect(settings, source_root)
-    return sync_annotations(session.client, session.project, settings.labels_dir, session.state_dir)
+    session = connect(settings, source_root_of(settings))
+    result = sync_annotations(session.client, session.project, settings.layout.annotation_labels, session.state)
+    publish_markdown(result.markdown(), key="annotation-agreement", description="annotators and agreement")
+    return result
 
 
-push_to_labelstudio_task = task(name="labelstudio-push-selection", retries=2, retry_delay_seconds=[10, 30],
-                                retry_condition_fn=retry_on_io, tags=["labelstudio"], cache_policy=NO_CACHE)(push_to_labelstudio)
-sync_from_labelstudio_task = task(name="labelstudio-sync-annotations", retries=3, retry_delay_seconds=[5, 15, 45],
-                                  retry_condition_fn=retry_on_io, tags=["labelstudio"], cache_policy=NO_CACHE)(sync_from_labelstudio)
+def demo_truth(records_paths: Sequence[str | os.PathLike]) -> dict[str, str]:
+    """record_id -> true label from the demo data's metadata (``true_label``), for simulated annotators."""
+    truth: dict[str, str] = {}
+    for path in records_paths:
+        table = pq.read_table(path, columns=["record_id", "metadata"])
+        for rid, meta in zip(table.column("record_id").to_pylist(), table.column("metadata").to_pylist()):
+            label = json.loads(meta or "{}").get("true_label")
+            if label:
+                truth[rid] = label
+    return truth
+
+
+def simulate_annotators(settings: Settings, records_paths: Sequence[str | os.PathLike], annotators: int,
+                        error_rate: float, seed: int) -> dict[str, int]:
+    """Simulated annotators (demo, tests) label the pending tasks from the demo data's true labels."""
+    from tasks.labelstudio.annotator import annotate_with_team
+
+    session = connect(settings, source_root_of(settings), annotations_per_task=annotators)
+    stats = annotate_with_team(session.client.url, session.project.project_id, settings.labels,
+                               demo_truth(records_paths), n_annotators=annotators, error_rate=error_rate, seed=seed)
+    return {"annotated": sum(s.annotated for s in stats), "skipped": sum(s.skipped for s in stats)}
+
+
+def source_root_of(settings: Settings) -> Path:
+    """The source's root folder (media paths are relative to it): the folder given, or a manifest's folder."""
+    source = Path(settings.source)
+    return source if source.is_dir() else source.parent
+
+
+_LABEL_STUDIO = {"tags": ["labelstudio"], "cache_policy": NO_CACHE, **IO_RETRY}  # never cached: it must reach the server
+push_to_labelstudio_task = task(push_to_labelstudio, name="labelstudio-push-selection", **_LABEL_STUDIO)
+sync_from_labelstudio_task = task(sync_from_labelstudio, name="labelstudio-sync-annotations", **_LABEL_STUDIO)
+simulate_annotators_task = task(simulate_annotators, name="simulated-annotators", **_LABEL_STUDIO)

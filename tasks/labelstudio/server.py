@@ -16,10 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +24,10 @@ from typing import Any
 import requests
 from pydantic import SecretStr
 
-from affectloop.services import free_port  # noqa: F401  (one helper; re-exported here)
-from affectloop.io import atomic_write_json, read_json
+from core.io import atomic_write_json, read_json
+from core.layout import DataLayout, LabelStudioLayout
+from core.processes import (pid_alive, pid_cmdline, port_in_use, start_process_group, stop_process_group,
+                            wait_healthy)
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +60,6 @@ class LabelStudioCredentials:
         return f"LabelStudioCredentials(url={self.url!r}, source={self.source!r}, token=SecretStr('**********'))"
 
 
-def labelstudio_state_dir(data_root: str | os.PathLike) -> Path:
-    return Path(data_root) / "state" / "labelstudio"
-
-
-def credentials_path(data_root: str | os.PathLike) -> Path:
-    return labelstudio_state_dir(data_root) / "credentials.json"
-
-
 def resolve_credentials(data_root: str | os.PathLike, url: str | None = None,
                         token: SecretStr | str | None = None) -> LabelStudioCredentials:
     """The environment's server (``url`` + ``token``, from Settings) when given, else the local file."""
@@ -81,7 +71,7 @@ def resolve_credentials(data_root: str | os.PathLike, url: str | None = None,
             )
         secret = token if isinstance(token, SecretStr) else SecretStr(token)
         return LabelStudioCredentials(url=url.rstrip("/"), token=secret, source="environment")
-    path = credentials_path(data_root)
+    path = DataLayout(Path(data_root)).labelstudio.credentials
     raw = read_json(path)
     if not raw:
         raise LabelStudioError(
@@ -92,29 +82,6 @@ def resolve_credentials(data_root: str | os.PathLike, url: str | None = None,
         url=raw["url"].rstrip("/"), token=SecretStr(raw["token"]), source=str(path),
         username=raw.get("username"), password=SecretStr(raw["password"]) if raw.get("password") else None,
     )
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _pid_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 class LocalLabelStudio:
@@ -138,10 +105,10 @@ class LocalLabelStudio:
             # Relative to the repository (where make creates it), not the caller's cwd.
             venv_path = Path(__file__).resolve().parents[2] / venv_path
         self.venv = venv_path.resolve()
-        self.state_dir = labelstudio_state_dir(self.data_root)
-        self.server_dir = self.state_dir / "server"
-        self.log_path = self.state_dir / "server.log"
-        self.server_json = self.state_dir / "server.json"
+        self.paths: LabelStudioLayout = DataLayout(self.data_root).labelstudio
+        self.server_dir = self.paths.server_data
+        self.log_path = self.paths.server_log
+        self.server_json = self.paths.server_record
 
     def __repr__(self) -> str:
         return f"LocalLabelStudio(url={self.url!r}, data_root={str(self.data_root)!r})"
@@ -157,7 +124,7 @@ class LocalLabelStudio:
     # ------------------------------------------------------------------ credentials
     def _load_or_create_credentials(self) -> dict[str, str]:
         """Reuse earlier credentials (the database already holds that user), else generate them."""
-        raw = read_json(credentials_path(self.data_root)) or {}
+        raw = read_json(self.paths.credentials) or {}
         if raw.get("token") and raw.get("password") and (self.server_dir / "label_studio.sqlite3").exists():
             raw["url"] = self.url
             return raw
@@ -178,9 +145,9 @@ class LocalLabelStudio:
     def _recorded_pid_if_ours(self) -> int | None:
         """The recorded PID, only if that process is alive and is our label-studio (PIDs get reused)."""
         pid = self._recorded().get("pid")
-        if not pid or not _pid_alive(int(pid)):
+        if not pid or not pid_alive(int(pid)):
             return None
-        cmdline = _pid_cmdline(int(pid))
+        cmdline = pid_cmdline(int(pid))
         if "label-studio" not in cmdline or str(self.server_dir) not in cmdline:
             return None
         return int(pid)
@@ -201,16 +168,10 @@ class LocalLabelStudio:
         return response.status_code == 200
 
     def _wait_healthy(self, pid: int, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if not _pid_alive(pid):
-                raise LabelStudioError(f"label-studio (pid {pid}) exited while starting; see {self.log_path}")
-            if self._healthy():
-                return
-            time.sleep(0.5)
-        raise LabelStudioError(f"Label Studio did not become healthy on {self.url} within {timeout_s:.0f} s; "
-                               f"see {self.log_path}")
+        try:
+            wait_healthy(pid, self._healthy, timeout_s, "label-studio")
+        except (RuntimeError, TimeoutError) as exc:
+            raise LabelStudioError(f"Label Studio did not start on {self.url}: {exc}; see {self.log_path}") from None
 
     def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> LabelStudioCredentials:
         """Start (or reuse) the server, wait until healthy, write credentials; returns them."""
@@ -250,14 +211,11 @@ class LocalLabelStudio:
         env.pop("VIRTUAL_ENV", None)
         cmd = [str(self.executable), "start", "--no-browser", "--internal-host", self.host,
                "--port", str(self.port), "--data-dir", str(self.server_dir), "--log-level", "WARNING"]
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
         # Saved before the start: if this process dies while the server boots, the next call
         # still holds the credentials the server's database was created with.
-        atomic_write_json(credentials_path(self.data_root), creds, mode=0o600)
-        with open(self.log_path, "ab") as log_file:
-            # Own session => own process group, so stop() reaches every child and nothing else.
-            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                       env=env, cwd=self.server_dir, start_new_session=True)
+        atomic_write_json(self.paths.credentials, creds, mode=0o600)
+        process = start_process_group(cmd, self.log_path, env=env, cwd=self.server_dir)
         atomic_write_json(self.server_json, {"pid": process.pid, "port": self.port, "url": self.url,
                                              "document_root": str(self.document_root),
                                              "started_at": time.time()})
@@ -279,29 +237,7 @@ class LocalLabelStudio:
         pid = self._recorded_pid_if_ours()
         if pid is None:
             return False
-        try:
-            pgid = os.getpgid(pid)
-        except ProcessLookupError:
-            return False
-        # Only signal the group if the server leads it (it does: start_new_session=True).
-        target = (lambda sig: os.killpg(pgid, sig)) if pgid == pid else (lambda sig: os.kill(pid, sig))
-        try:
-            target(signal.SIGTERM)
-        except ProcessLookupError:
-            return True
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if not _pid_alive(pid):
-                break
-            time.sleep(0.2)
-        else:
-            try:
-                target(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            time.sleep(0.2)
-            _reap(pid)
+        stop_process_group(pid, timeout_s)
         recorded = self._recorded()
         recorded["pid"] = None
         recorded["stopped_at"] = time.time()
@@ -314,37 +250,3 @@ class LocalLabelStudio:
         return {"running": pid is not None, "pid": pid, "url": self.url,
                 "healthy": self._healthy() if pid is not None else False,
                 "document_root": str(self.document_root), "log": str(self.log_path)}
-
-
-def _reap(pid: int) -> None:
-    """Collect our own child's exit status so it does not linger as a zombie (which looks alive)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tasks.labelstudio.server start|stop|status --data-root D --port P``"""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("action", choices=["start", "stop", "status"])
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--port", type=int, default=8089)
-    parser.add_argument("--document-root", default=None)
-    args = parser.parse_args(argv)
-    server = LocalLabelStudio(args.data_root, args.port, document_root=args.document_root)
-    if args.action == "start":
-        creds = server.start()
-        print(json.dumps({"url": creds.url, "credentials": creds.source}))
-    elif args.action == "stop":
-        print(json.dumps({"stopped": server.stop()}))
-    else:
-        print(json.dumps(server.status()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,19 +25,17 @@ from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from affectloop.io import atomic_write_json, read_json, write_parquet
-from affectloop.schemas import LABELS_SCHEMA
+from core.io import atomic_write_json, read_json
+from core.layout import LabelStudioLayout
+from core.schemas import LABELS_SCHEMA
 from tasks.labelstudio.agreement import krippendorff_alpha_nominal, majority
 from tasks.labelstudio.client import LabelStudioClient
 from tasks.labelstudio.project import FROM_NAME, LabelStudioProject
-from tasks.labelstudio.retry import retry_on_io
+from tasks.labels import merge_labels
 
 log = logging.getLogger(__name__)
 
-ANNOTATIONS_FILE = "annotations.parquet"
 
 
 @dataclass
@@ -57,6 +55,20 @@ class SyncResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"annotated tasks": self.n_tasks_annotated, "changed": self.n_tasks_changed,
+                "resolved": self.n_resolved, "ties": self.n_ties, "ignored": self.n_ignored_annotations}
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"annotators": len(self.annotations_per_annotator)}
+        if self.krippendorff_alpha is not None:
+            facts["Krippendorff's alpha"] = f"{self.krippendorff_alpha:.3f}"
+        if self.mean_task_agreement is not None:
+            facts["mean per-task agreement"] = f"{self.mean_task_agreement:.3f}"
+        return facts
 
     def markdown(self) -> str:
         """A short report for a Prefect markdown artifact."""
@@ -79,10 +91,6 @@ class SyncResult:
             *[f"| {who} | {n} |" for who, n in self.annotations_per_annotator.items()],
         ]
         return "\n".join(lines)
-
-
-def watermark_path(state_dir: str | os.PathLike) -> Path:
-    return Path(state_dir) / "watermark.json"
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -187,22 +195,11 @@ def _next_watermark(since: Watermark, stamps: list[tuple[datetime, int]]) -> Wat
     return Watermark(latest, frozenset(i for stamp, i in stamps if stamp == latest))
 
 
-def merge_labels(labels_dir: str | os.PathLike, rows: list[dict[str, Any]], replaced_ids: set[str]) -> tuple[Path, int]:
-    """Rewrite labels/annotations.parquet: earlier rows minus ``replaced_ids``, plus ``rows``."""
-    path = Path(labels_dir) / ANNOTATIONS_FILE
+def merge_annotation_rows(path: str | os.PathLike, rows: list[dict[str, Any]], replaced_ids: set[str]) -> tuple[Path, int]:
+    """Rewrite the annotation labels file: earlier rows minus ``replaced_ids``, plus ``rows``."""
     new = pa.Table.from_pylist(rows, schema=_plain_labels_schema()).cast(LABELS_SCHEMA) if rows \
         else LABELS_SCHEMA.empty_table()
-    if path.exists():
-        earlier = pq.read_table(path).cast(LABELS_SCHEMA)
-        keep = pa.array([r not in replaced_ids for r in earlier.column("record_id").to_pylist()], type=pa.bool_())
-        earlier = earlier.filter(keep)
-        merged = pa.concat_tables([earlier.unify_dictionaries(), new.unify_dictionaries()],
-                                  promote_options="permissive").combine_chunks()
-    else:
-        merged = new
-    merged = merged.sort_by("record_id")
-    write_parquet(merged.cast(LABELS_SCHEMA), path)
-    return path, merged.num_rows
+    return Path(path), merge_labels(path, new, replaced_ids)
 
 
 def _plain_labels_schema() -> pa.Schema:
@@ -211,23 +208,23 @@ def _plain_labels_schema() -> pa.Schema:
                       for f in LABELS_SCHEMA])
 
 
-def sync_annotations(client: LabelStudioClient, project: LabelStudioProject, labels_dir: str | os.PathLike,
-                     state_dir: str | os.PathLike) -> SyncResult:
-    """Pull annotations changed since the watermark, resolve them and merge them into labels/."""
-    state = read_json(watermark_path(state_dir), default={}) or {}
+def sync_annotations(client: LabelStudioClient, project: LabelStudioProject, annotations_path: str | os.PathLike,
+                     state: LabelStudioLayout) -> SyncResult:
+    """Pull annotations changed since the watermark, resolve them and merge them into ``annotations_path``."""
+    marks = read_json(state.watermark, default={}) or {}
     key = str(project.project_id)
-    mark = state.get(key) or {}
+    mark = marks.get(key) or {}
     since = Watermark(_parse_time(mark.get("updated_at")), frozenset(mark.get("ids_at_mark", [])))
     tasks = client.export_annotated(project.project_id)
     rows, changed_ids, stats = resolve_tasks(tasks, project.labels, since, emails=client.user_emails())
-    path, n_total = merge_labels(labels_dir, rows, changed_ids)
+    path, n_total = merge_annotation_rows(annotations_path, rows, changed_ids)
     latest: Watermark = stats["watermark"]
     if latest != since and latest.updated_at is not None:
         # Written after labels/: a crash in between only means the same tasks are resolved again.
-        state[key] = {"updated_at": latest.updated_at.astimezone(timezone.utc).isoformat(),
+        marks[key] = {"updated_at": latest.updated_at.astimezone(timezone.utc).isoformat(),
                       "ids_at_mark": sorted(latest.ids_at_mark),
                       "synced_at": datetime.now(timezone.utc).isoformat()}
-        atomic_write_json(watermark_path(state_dir), state)
+        atomic_write_json(state.watermark, marks)
     return SyncResult(
         project_id=project.project_id, n_tasks_annotated=stats["n_annotated"], n_tasks_changed=len(changed_ids),
         n_resolved=len(rows), n_ties=stats["n_ties"], n_ignored_annotations=stats["n_ignored"],
@@ -235,7 +232,3 @@ def sync_annotations(client: LabelStudioClient, project: LabelStudioProject, lab
         mean_task_agreement=stats["mean_task_agreement"], krippendorff_alpha=stats["alpha"],
         watermark=latest.updated_at.isoformat() if latest.updated_at else None, labels_path=str(path),
     )
-
-
-sync_annotations_task = task(name="labelstudio-sync", retries=3, retry_delay_seconds=[5, 15, 45],
-                             retry_condition_fn=retry_on_io, tags=["labelstudio"], cache_policy=NO_CACHE)(sync_annotations)

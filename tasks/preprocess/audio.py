@@ -34,7 +34,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy.fft import next_fast_len
 from scipy.signal import find_peaks
 
-from affectloop.schemas import FeatureSpec
+from core.schemas import FeatureSpec
 
 WIN_SECONDS = 0.025
 N_FFT = 512

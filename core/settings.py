@@ -13,7 +13,9 @@ from typing import Annotated
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_LABELS: tuple[str, ...] = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
+from core.layout import DataLayout
+from core.schemas import DEFAULT_LABELS
+
 
 
 class Limits(BaseModel):
@@ -50,6 +52,8 @@ class Settings(BaseSettings):
     annotation_budget: int = Field(100, ge=0, description="records sent to Label Studio per nightly build")
     selection_strategy: str = Field("diverse_entropy", description="model.selection strategy for the nightly build")
     promotion_margin: float = Field(0.0, ge=0.0, description="promote when holdout macro-F1 >= production - margin")
+    group_field: str = Field("speaker", description="manifest field naming a record's speaker; the holdout keeps each "
+                                                      "speaker on one side")
     seed: int = 13
 
     @field_validator("labels", mode="before")
@@ -69,39 +73,10 @@ class Settings(BaseSettings):
             raise ValueError(f"duplicate labels in {value}")
         return tuple(value)
 
-    # Folders under the data root, one per contract in DESIGN.md.
     @property
-    def features_dir(self) -> Path:
-        return self.data_root / "features"
-
-    @property
-    def scores_dir(self) -> Path:
-        return self.data_root / "scores"
-
-    @property
-    def rejects_dir(self) -> Path:
-        return self.data_root / "rejects"
-
-    @property
-    def labels_dir(self) -> Path:
-        return self.data_root / "labels"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.data_root / "models"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.data_root / "state"
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.data_root / "reports"
-
-    @property
-    def runs_dir(self) -> Path:
-        """Per-run scratch (validated records, per-task rejects) handed between tasks as Parquet."""
-        return self.data_root / "runs"
+    def layout(self) -> DataLayout:
+        """Where every dataset and state file lives under ``data_root`` (core.layout)."""
+        return DataLayout(self.data_root)
 
 
 def get_settings(**overrides) -> Settings:

@@ -2,7 +2,7 @@
 
 Writers cast to these schemas before writing; readers (DuckDB, Polars, pandas, Spark) can
 rely on them. Evolution is add-only: never rename or retype a column. The scores schema
-is also kept as JSON in ``affectloop/schemas/scores.json`` and a test fails on drift.
+is also kept as JSON in ``schemas/scores.schema.json`` and a test fails on drift.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import pyarrow as pa
+
+# The default label set: Ekman's six plus neutral (MELD and FER2013 use these).
+DEFAULT_LABELS: tuple[str, ...] = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 DICT_STRING = pa.dictionary(pa.int32(), pa.string())
