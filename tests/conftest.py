@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -152,6 +153,22 @@ def realmix_dir() -> Path:
     if not (REALMIX_DIR / "manifest.jsonl").is_file():
         pytest.skip(f"real data not available at {REALMIX_DIR}")
     return REALMIX_DIR
+
+
+# ---------------------------------------------------------------------------------- a real Prefect API
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """One real Prefect API (``prefect_test_harness``, a temporary server) for the whole test session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+        # Its "stopping temporary server" INFO line would be written after pytest closed the
+        # captured streams (a logging traceback at the end of the run).
+        logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------- a real Dask cluster

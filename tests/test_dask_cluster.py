@@ -26,14 +26,6 @@ PARTITION_SIZE = 20
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
-@pytest.fixture(scope="module")
 def small_demo_source(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "source"
     generate_demo(out, n=N_RECORDS, seed=3)
@@ -44,7 +36,7 @@ def _features(paths: list[str]) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in paths]).sort_by("record_id")
 
 
-def test_external_scheduler_gives_the_local_cluster_outputs(prefect_api, small_demo_source, dask_cluster, tmp_path):
+def test_external_scheduler_gives_the_local_cluster_outputs(prefect_api_url, small_demo_source, dask_cluster, tmp_path):
     from distributed import Client
 
     from flows.features import build_features

@@ -54,15 +54,6 @@ LABELS = list(DEFAULT_LABELS)
 
 
 @pytest.fixture(scope="module")
-def prefect_api_url():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A demo source and a data root holding a promoted tiny model and the source's features (the clean run)."""
     root = tmp_path_factory.mktemp("faults")

@@ -1,7 +1,7 @@
 """The bad-input corpus through a whole nightly build, and unusable manifests through the CLI.
 
 One full run (ingest → features → score with a tiny production model → write; push off) on
-a real Prefect API (``prefect_test_harness``) and a Dask LocalCluster with one worker, over
+a real Prefect API (``prefect_test_harness``) and the tests' real Dask cluster (conftest), over
 a source that mixes every record-level kind of ``tests/badinputs.py`` with good records:
 
 - each bad record is in ``rejects/`` with its reason, and nothing else is;
@@ -39,28 +39,7 @@ PARTITION_SIZE = 20  # several partitions: bad records sit beside good ones in e
 
 
 @pytest.fixture(scope="module")
-def prefect_api_url():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
-def dask_address(tmp_path_factory):
-    """One LocalCluster (one worker, the runner's loopback settings) shared by this module's runs."""
-    from distributed import LocalCluster
-
-    from flows.runner import local_cluster_kwargs
-
-    kwargs = local_cluster_kwargs(get_settings(dask_workers=1))
-    with LocalCluster(**kwargs) as cluster:
-        yield cluster.scheduler_address
-
-
-@pytest.fixture(scope="module")
-def corpus_run(tmp_path_factory, prefect_api_url, dask_address):
+def corpus_run(tmp_path_factory, prefect_api_url, dask_cluster):
     from flows.nightly_build import nightly_build
     from flows.runner import make_task_runner
 
@@ -68,7 +47,7 @@ def corpus_run(tmp_path_factory, prefect_api_url, dask_address):
     corpus = build_corpus(root / "source")
     data_root = root / "data"
     version = tiny_production_model(make_source(root / "train", n=24, seed=11), data_root)
-    settings = get_settings(source=str(corpus.source), data_root=data_root, dask_address=dask_address,
+    settings = get_settings(source=str(corpus.source), data_root=data_root, dask_address=dask_cluster,
                             partition_size=PARTITION_SIZE)
     state = nightly_build.with_options(task_runner=make_task_runner(settings))(
         source=str(corpus.source), data_root=str(data_root), run_date=RUN_DATE, partition_size=PARTITION_SIZE,
@@ -153,7 +132,7 @@ def _files_under(root: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("kind", [k for k in MANIFEST_KINDS if k != "parquet_named_jsonl"])
-def test_unusable_manifest_exits_3_naming_the_file(kind, tmp_path, prefect_api_url, dask_address, monkeypatch):
+def test_unusable_manifest_exits_3_naming_the_file(kind, tmp_path, prefect_api_url, dask_cluster, monkeypatch):
     """In process (typer's runner, the real command): exit code 3, the file named, nothing written."""
     from typer.testing import CliRunner
 
@@ -163,20 +142,20 @@ def test_unusable_manifest_exits_3_naming_the_file(kind, tmp_path, prefect_api_u
     data_root = tmp_path / "data"
     monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)  # the CLI uses a configured API as is
     result = CliRunner().invoke(app, ["build", "--source", str(source), "--data-root", str(data_root), "--no-push",
-                                      "--dask-address", dask_address])
+                                      "--dask-address", dask_cluster])
     assert result.exit_code == 3, result.output
     message = "".join(result.stderr.split())  # rich wraps long lines, even mid-word
     assert "sourceunusable:" in message and named in message
     assert _files_under(data_root) == []  # nothing half-written (not even a rejects file)
 
 
-def test_cli_process_exits_3_for_a_parquet_file_named_jsonl(tmp_path, prefect_api_url, dask_address):
+def test_cli_process_exits_3_for_a_parquet_file_named_jsonl(tmp_path, prefect_api_url, dask_cluster):
     """The real ``affectloop build`` process: exit status 3, one clear line naming the file, nothing written."""
     source, named = write_bad_manifests(tmp_path / "sources")["parquet_named_jsonl"]
     data_root = tmp_path / "data"
     env = dict(os.environ, PREFECT_API_URL=prefect_api_url, PYTHONPATH=str(REPO), COLUMNS="200")
     proc = subprocess.run([sys.executable, "-m", "affectloop.cli", "build", "--source", str(source),
-                           "--data-root", str(data_root), "--no-push", "--dask-address", dask_address],
+                           "--data-root", str(data_root), "--no-push", "--dask-address", dask_cluster],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-3000:]
     # Prefect logs the failed flow run with its traceback; the CLI's own line comes last, alone.

@@ -156,10 +156,10 @@ def test_bootstrap_twice_gives_one_project_and_serves_media(client, ls_root, lab
 
 def test_push_twice_gives_no_duplicate_tasks(client, ls_root, tmp_path):
     project = ensure_project(client, _labels("push"), ls_root / "source", ls_root)
-    first = push_selection(client, project, _selection(7), tmp_path, batch_size=3)
+    first = push_selection(client, project, _selection(7), LabelStudioLayout(tmp_path), batch_size=3)
     assert (first.n_pushed, first.n_pending, first.n_skipped_already) == (7, 0, 0)
     # Rerun with an overlapping selection: only the new record is sent.
-    second = push_selection(client, project, _selection(8), tmp_path, batch_size=3)
+    second = push_selection(client, project, _selection(8), LabelStudioLayout(tmp_path), batch_size=3)
     assert (second.n_pushed, second.n_skipped_already) == (1, 7)
     ids = _server_record_ids(client, project.project_id)
     assert sorted(ids) == sorted(f"r{i}" for i in range(8))
@@ -178,12 +178,12 @@ def test_crash_between_import_and_ledger_write_then_rerun_gives_no_duplicates(cl
 
     monkeypatch.setattr(push_module, "_write_ledger", crash)
     with pytest.raises(KeyboardInterrupt):
-        push_selection(client, project, _selection(5), tmp_path)
+        push_selection(client, project, _selection(5), LabelStudioLayout(tmp_path))
     monkeypatch.undo()
     assert read_ledger(LabelStudioLayout(tmp_path)).num_rows == 0  # the ledger never heard of the import
     assert len(_server_record_ids(client, project.project_id)) == 5
 
-    rerun = push_selection(client, project, _selection(6), tmp_path)
+    rerun = push_selection(client, project, _selection(6), LabelStudioLayout(tmp_path))
     assert (rerun.n_adopted, rerun.n_pushed, rerun.n_skipped_already) == (5, 1, 5)
     ids = _server_record_ids(client, project.project_id)
     assert len(ids) == len(set(ids)) == 6
@@ -198,13 +198,14 @@ def test_server_stopped_mid_push_next_run_completes(client, label_studio, ls_roo
             label_studio.stop()
 
     try:
-        result = push_selection(quick, project, _selection(6), tmp_path, batch_size=2, on_batch=stop_after_first_batch)
+        result = push_selection(quick, project, _selection(6), LabelStudioLayout(tmp_path), batch_size=2,
+                                on_batch=stop_after_first_batch)
         assert (result.n_pushed, result.n_pending) == (2, 4)
         assert result.error and "unavailable" in result.error
         assert client.credentials.token.get_secret_value() not in result.error
         assert pq.read_table(tmp_path / "pending.parquet").num_rows == 4
         # Still down: a whole push stays pending instead of failing the nightly build.
-        down = push_selection(quick, project, _selection(1, prefix="late"), tmp_path)
+        down = push_selection(quick, project, _selection(1, prefix="late"), LabelStudioLayout(tmp_path))
         assert (down.n_pushed, down.n_pending) == (0, 5)
     finally:
         label_studio.start()
@@ -219,7 +220,7 @@ def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreemen
                                                                                   tmp_path):
     labels = _labels("team")
     project = ensure_project(client, labels, ls_root / "source", ls_root, annotations_per_task=3)
-    push_selection(client, project, _selection(5), tmp_path)
+    push_selection(client, project, _selection(5), LabelStudioLayout(tmp_path))
     # What each annotator answers (a missing record: that annotator presses Skip).
     answers = {
         "ann1": {"r0": "joy", "r1": "anger-team", "r2": "fear", "r4": "sadness"},
@@ -231,12 +232,12 @@ def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreemen
         stats = annotator.login().annotate_pending(project.project_id)
         assert stats.annotated == len(gold) and stats.skipped == 5 - len(gold)
 
-    labels_dir, state_dir = tmp_path / "labels" / "annotations.parquet", LabelStudioLayout(tmp_path / "state")
-    result = sync_annotations(client, project, labels_dir, state_dir)
+    labels_path, state_dir = tmp_path / "labels" / "annotations.parquet", LabelStudioLayout(tmp_path / "state")
+    result = sync_annotations(client, project, labels_path, state_dir)
     # By hand: r0 joy 3/3; r1 anger 2/3; r2 fear/sadness/neutral tie; r3 joy 2/2 (ann1 skipped);
     # r4 sadness/anger tie (ann3 skipped). Krippendorff's alpha over the 13 pairable values:
     # D_o = 7/13, D_e = 126/156 -> alpha = 1 - (7/13)/(126/156) = 1/3.
-    table = pq.read_table(labels_dir / "annotations.parquet").to_pylist()
+    table = pq.read_table(labels_path).to_pylist()
     got = {r["record_id"]: (r["label"], r["annotators"], round(r["agreement"], 4), r["source"]) for r in table}
     assert got == {"r0": ("joy", 3, 1.0, "annotation"), "r1": ("anger-team", 3, round(2 / 3, 4), "annotation"),
                    "r3": ("joy", 2, 1.0, "annotation")}
@@ -246,14 +247,14 @@ def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreemen
     assert result.mean_task_agreement == pytest.approx((1 + 2 / 3 + 1 / 3 + 1 + 1 / 2) / 5)
 
     # Incremental: nothing new, nothing changes. One more vote breaks the r4 tie.
-    again = sync_annotations(client, project, labels_dir, state_dir)
+    again = sync_annotations(client, project, labels_path, state_dir)
     assert again.n_tasks_changed == 0 and again.n_labels_total == 3
     task_id = next(r["task_id"] for r in read_ledger(LabelStudioLayout(tmp_path)).to_pylist() if r["record_id"] == "r4")
     fourth = SimulatedAnnotator(label_studio.url, "ann4@team.test", "pw-ann4ann4", labels, {})
     fourth.login().annotate(task_id, project.project_id, "sadness")
-    third = sync_annotations(client, project, labels_dir, state_dir)
+    third = sync_annotations(client, project, labels_path, state_dir)
     assert third.n_tasks_changed == 1 and third.n_labels_total == 4
-    r4 = next(r for r in pq.read_table(labels_dir / "annotations.parquet").to_pylist() if r["record_id"] == "r4")
+    r4 = next(r for r in pq.read_table(labels_path).to_pylist() if r["record_id"] == "r4")
     assert (r4["label"], r4["annotators"], r4["ls_task_id"]) == ("sadness", 3, task_id)
 
 
@@ -303,7 +304,7 @@ def test_simulated_team_with_error_rate_one_never_answers_gold(client, label_stu
 
     labels = _labels("noisy")
     project = ensure_project(client, labels, ls_root / "source", ls_root)
-    push_selection(client, project, _selection(4), tmp_path)
+    push_selection(client, project, _selection(4), LabelStudioLayout(tmp_path))
     gold = {f"r{i}": labels[i] for i in range(4)}
     (first, second) = annotate_with_team(label_studio.url, project.project_id, labels, gold, n_annotators=2,
                                          error_rate=1.0, seed=5, domain="noisy.test")

@@ -17,14 +17,6 @@ pytestmark = pytest.mark.service
 RUN_DATE = date(2026, 11, 30)
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -43,7 +35,7 @@ def _build(source: Path, data_root: Path, monkeypatch, **params):
     return runner_flow(source=str(source), data_root=str(data_root), run_date=RUN_DATE, **params)
 
 
-def test_cold_start_then_scored_build_then_rerun(tmp_path, prefect_api, monkeypatch):
+def test_cold_start_then_scored_build_then_rerun(tmp_path, prefect_api_url, monkeypatch):
     source = make_source(tmp_path / "source", n=40)
     data_root = tmp_path / "data"
 

@@ -41,15 +41,6 @@ RUN_DATE = date(2026, 11, 30)
 LS_SERVER_DIR = Path("state") / "labelstudio" / "server"
 
 
-@pytest.fixture(scope="module")
-def prefect_api_url():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 class _RefusingHandler(BaseHTTPRequestHandler):
     """A server that answers every request with 401, as Label Studio does for a revoked token."""
 
