@@ -60,6 +60,9 @@ class RunLayout:
     def selection(self) -> Path:
         return self.root / "selection.parquet"
 
+    def shortlist(self, index: int) -> Path:
+        return self.root / "shortlists" / f"part-{index:05d}.parquet"
+
     def records_parts(self) -> list[Path]:
         return sorted(self.records.glob("part-*.parquet"))
 

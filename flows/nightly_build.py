@@ -5,8 +5,10 @@
                      (cold start: no model yet → no scores are written, and the flow says so)
     labels           this build's gold labels merged into labels/ (before selection: a record
                      with a gold label is never sent to annotators)
-    select           uncertainty × diversity over this run's records (cold start: diversity alone)
-    write            scores/run_date=…/ and rejects/run_date=…/ replaced atomically
+    select           uncertainty × diversity over this run's records (cold start: diversity alone):
+                     a shortlist per partition on Dask, then one selection over the shortlists
+    write            scores/run_date=…/ and rejects/run_date=…/ replaced atomically; superseded
+                     feature files compacted away
     push             selected records to Label Studio; if it is down they stay pending for the next run
 """
 
@@ -26,7 +28,8 @@ from tasks.labels import merge_gold_labels_task
 from tasks.labelstudio.resource import push_to_labelstudio_task
 from tasks.publish import clean_staging_task, publish_rejects_task, publish_scores_task
 from tasks.score import predicted_label_counts_task, production_version_task, score_partition_task
-from tasks.select import check_strategy, select_for_annotation_task
+from tasks.features import compact_features_task
+from tasks.select import check_strategy, select_from_shortlists_task, shortlist_partition_task
 from tasks.training import update_group_index_task
 
 COLD_START_NOTE = "cold start: no production model yet, so no scores were written; selection by diversity alone"
@@ -63,29 +66,40 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
             stage.counts = {"scored": sum(r.n_scored for r in scored)}
             stage.note = f"model {version}"
 
+    # From here on every task that reads the run's records runs on a Dask worker (.submit):
+    # the flow process holds paths and counts only, whatever the size of the source.
     with report.stage("labels") as stage:
-        stage.counts = {"gold labels": merge_gold_labels_task(layout, built.records_paths),
-                        "speakers known": update_group_index_task(layout, built.records_paths, settings.group_field)}
+        gold = merge_gold_labels_task.submit(layout, built.records_paths)
+        groups = update_group_index_task.submit(layout, built.records_paths, settings.group_field)
+        stage.counts = {"gold labels": gold.result(), "speakers known": groups.result()}
 
     with report.stage("select") as stage:
-        selection = select_for_annotation_task(layout, run_id, settings.annotation_budget, settings.labels,
-                                               settings.selection_strategy, score_parts=score_parts,
-                                               feature_parts=() if score_parts else built.features_paths,
-                                               seed=settings.seed)
+        parts = score_parts or built.features_paths
+        run = layout.run(run_id)
+        shortlists = shortlist_partition_task.map(
+            parts, list(range(len(parts))), unmapped(len(parts)), [run.shortlist(i) for i in range(len(parts))],
+            unmapped(layout), unmapped(settings.labels), unmapped(settings.selection_strategy),
+            unmapped(settings.annotation_budget), unmapped(bool(score_parts)), unmapped(settings.seed)).result()
+        selection = select_from_shortlists_task.submit(
+            [path for path, _ in shortlists], built.records_paths, settings.annotation_budget, run.selection,
+            settings.selection_strategy, sum(n for _, n in shortlists), settings.seed).result()
         stage.counts = {"selected": len(selection.selected_ids), "eligible": selection.n_eligible}
         stage.note = selection.strategy
 
     with report.stage("write") as stage:
-        rejects_dir, by_reason = publish_rejects_task(built.rejects_paths, layout.root, layout.rejects, run_date)
+        rejects_dir, by_reason = publish_rejects_task.submit(built.rejects_paths, layout.root, layout.rejects,
+                                                             run_date).result()
         stage.counts = {"rejects": sum(by_reason.values())}
         report.outputs["rejects"] = str(rejects_dir)
         if by_reason:
             report.facts["rejects by reason"] = ", ".join(f"{k}={v}" for k, v in sorted(by_reason.items()))
         if score_parts:
-            scores_dir, n_scores = publish_scores_task(score_parts, selection.selected_ids, layout.root,
-                                                       layout.scores, run_date, settings.labels)
+            scores_dir, n_scores = publish_scores_task.submit(score_parts, selection.selected_ids, layout.root,
+                                                              layout.scores, run_date, settings.labels).result()
             stage.counts["scores"] = n_scores
             report.outputs["scores"] = str(scores_dir)
+        compacted = compact_features_task.submit(layout.features).result()
+        stage.counts["superseded feature files removed"] = compacted["files_removed"] + compacted["files_rewritten"]
 
     with report.stage("push") as stage:
         if not push_to_label_studio:

@@ -284,15 +284,17 @@ def cold_start(embeddings: np.ndarray, budget: int, *, eligible_mask: np.ndarray
     Returns indices into ``embeddings``. When two centroids share a nearest record, the next
     nearest unused record of that cluster is taken, so the batch is always ``budget`` long.
     """
-    points = _standardize(embeddings)
-    eligible = _eligible_indices(len(points), eligible_mask)
+    eligible = _eligible_indices(len(embeddings), eligible_mask)
     budget = min(int(budget), eligible.size)
     if budget <= 0:
         return np.empty(0, dtype=np.int64)
     if budget == eligible.size:
         return eligible
-    fitted = _kmeans(points[eligible], budget, seed)
-    distances = fitted.transform(points[eligible])  # (n_eligible, budget)
+    # Standardised over the eligible records only: the clustering then depends on the
+    # candidates alone, not on which other records happen to sit beside them.
+    points = _standardize(np.asarray(embeddings)[eligible])
+    fitted = _kmeans(points, budget, seed)
+    distances = fitted.transform(points)  # (n_eligible, budget)
     chosen: list[int] = []
     used = np.zeros(eligible.size, dtype=bool)
     for cluster in range(budget):

@@ -31,30 +31,20 @@ prosody            fixed_size_list<float32>[P]                ``spec.prosody_nam
                                                               null without audio
 =================  =========================================  ==================================
 
-Cache design. Features are keyed by (record_id, content_hash, PREP_VERSION + options):
-
-``features/<PREP_VERSION>-<options digest>/`` is one cache *namespace*; the digest covers
-the FeatureSpec and the stop-word list, so changing either (or bumping PREP_VERSION) starts
-a fresh namespace and recomputes everything. Inside it:
-
-- ``part-<key>.parquet``: the features of one partition, where ``key`` is a sha256 of the
-  namespace and the partition's sorted (record_id, content_hash) pairs. Same inputs, same
-  file name: a warm rerun of an unchanged partition is one ``exists()`` check and a footer
-  read for the count, whatever the size of the store.
-- ``rejects-<key>.parquet``: that partition's preprocess rejects (written before the
-  features file, which is the commit marker), replayed into the run's rejects on a hit, so
-  a deterministic failure is not recomputed every night either.
-- ``latest/<ids>.json``: for a partition's sorted *record ids* (without hashes), the name of
-  its newest features file. When a partition misses (a media file changed), this pointer
-  leads to the previous version, whose rows with an unchanged (record_id, content_hash) are
-  copied; only the changed or new records are recomputed. Lookup cost is one small file
-  read, independent of the store size. A partition whose id set changed (records added or
-  re-chunked) finds no pointer and is recomputed whole: correct, only slower.
-
-Every file is written atomically (``core.io``); two workers that compute the same key
-write identical bytes to the same name, and a pointer write is last-writer-wins between
-two valid files, so concurrent runs are safe. Superseded partition files stay on disk
-(readers take the paths a flow returns, not a glob of the folder).
+Cache design. Features are keyed by content (content_hash, the namespace) and looked up per
+record: ``features/<PREP_VERSION>-<options digest>/`` is one cache *namespace* (the digest
+covers the FeatureSpec and the stop-word list, so changing either, or bumping
+PREP_VERSION, starts a fresh namespace and recomputes everything), managed by
+``tasks.feature_store.FeatureStore``: one ``part-<key>.parquet`` per partition (``key`` a
+digest of its sorted (record_id, content_hash) pairs) and an index of which file holds each
+record's current row and each content's row. A partition task copies every row whose
+content is already there, whatever partition it sat in before, computes only new content
+(repeated content once), and commits its file to the index; a partition whose file is
+still current is a whole hit, answered in the flow process without a task. Preprocess
+failures are cached under the content hash too (so a deterministic failure is not
+recomputed every night), except a file that changed since ingest. The build ends with a
+compaction that removes superseded rows and files, so a reader of the namespace sees each
+current record once.
 """
 
 from __future__ import annotations
@@ -73,8 +63,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from threadpoolctl import threadpool_limits
 
-from core.io import atomic_write_json, read_json, write_parquet
+from core.io import write_parquet
 from core.schemas import REJECTS_SCHEMA, FeatureSpec, features_schema, rejects_table
+from tasks.feature_store import FeatureStore
 from tasks.ingest import content_hash
 from tasks.retry import IO_RETRY
 from tasks.media import MediaError, resolve_media_path
@@ -85,7 +76,6 @@ from tasks.preprocess.text import KEEP_WORDS, preprocess_text
 
 STAGE = "preprocess"
 REJECT_REASON = "preprocess_error"
-KEY_CHARS = 24  # 96 bits of sha256: no collision among any plausible number of partitions
 
 
 @dataclass(frozen=True)
@@ -95,7 +85,7 @@ class FeaturesResult:
     n_in: int
     n_ok: int
     n_rejected: int
-    n_cached: int  # records taken from the cache (features or a cached reject), not recomputed
+    n_cached: int  # records not recomputed: from the cache (features or a cached reject) or a copy of repeated content
 
     @staticmethod
     def totals(run_id: str, results: Sequence["FeaturesResult"]) -> dict[str, Any]:
@@ -183,23 +173,6 @@ def cache_namespace(spec: FeatureSpec = FeatureSpec(), stop_words: bool | Iterab
     return f"{PREP_VERSION}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
-def _digest(namespace: str, lines: Iterable[str]) -> str:
-    digest = hashlib.sha256(namespace.encode() + b"\n")
-    for line in lines:
-        digest.update(line.encode() + b"\n")
-    return digest.hexdigest()[:KEY_CHARS]
-
-
-def partition_key(namespace: str, record_ids: Sequence[str], hashes: Sequence[str]) -> str:
-    """Cache key of a partition: its sorted (record_id, content_hash) pairs in a namespace."""
-    return _digest(namespace, sorted(f"{rid}\t{h}" for rid, h in zip(record_ids, hashes)))
-
-
-def ids_key(namespace: str, record_ids: Sequence[str]) -> str:
-    """Key of a partition's id set, for finding its previous version after a change."""
-    return _digest(namespace, sorted(record_ids))
-
-
 # ---------------------------------------------------------------------------------- one record
 
 
@@ -216,6 +189,10 @@ def read_record_media(row: dict[str, Any], source_root: Path) -> dict[str, bytes
     return media
 
 
+class ContentChanged(ValueError):
+    """A media file changed between ingest and feature extraction (not a property of the content)."""
+
+
 def featurize_record(row: dict[str, Any], media: dict[str, bytes | None], spec: FeatureSpec,
                      stop_words: bool | frozenset[str]) -> dict[str, Any]:
     """Features of one record from its row and media bytes. Raises on a bad record.
@@ -225,7 +202,7 @@ def featurize_record(row: dict[str, Any], media: dict[str, bytes | None], spec: 
     """
     text = row["text"] if row["has_text"] else None
     if content_hash(text, media["image"], media["audio"]) != row["content_hash"]:
-        raise ValueError("content changed since ingest (content_hash mismatch); rerun the build")
+        raise ContentChanged("content changed since ingest (content_hash mismatch); rerun the build")
     out: dict[str, Any] = {"image": None, "face_detector": None, "tokens": None, "logmel": None, "prosody": None}
     if media["image"] is not None:
         image = preprocess_image(media["image"], size=spec.image_size)
@@ -290,35 +267,16 @@ def _with_run_id(rejects: pa.Table, run_id: str) -> pa.Table:
     return rejects.set_column(rejects.schema.get_field_index("run_id"), "run_id", run_ids)
 
 
-def _reusable_rows(namespace_dir: Path, pointer: Path, wanted: pa.Array) -> pa.Table | None:
-    """Rows of the partition's previous version whose (record_id, content_hash) is in ``wanted``."""
-    try:
-        path = namespace_dir / read_json(pointer)["features"]
-    except (TypeError, KeyError, ValueError):  # no pointer yet (None), or not one we wrote
-        return None
-    if not path.is_file():
-        return None
-    table = pq.read_table(path)
-    keys = pc.binary_join_element_wise(table["record_id"], table["content_hash"], "\t")
-    return table.filter(pc.is_in(keys, value_set=wanted))
+def feature_store(features_dir: Path, spec: FeatureSpec = FeatureSpec(),
+                  stop_words: bool | Iterable[str] = True) -> FeatureStore:
+    """The cache namespace these preprocessing options write to."""
+    return FeatureStore(features_dir, cache_namespace(spec, stop_words))
 
 
-@dataclass(frozen=True)
-class CacheEntry:
-    """Where one partition's features live in the cache (see the module docstring)."""
-
-    namespace_dir: Path
-    features_path: Path  # part-<key>.parquet: present means the entry is complete
-    rejects_path: Path  # rejects-<key>.parquet
-    pointer: Path  # latest/<ids>.json
-
-    @classmethod
-    def for_partition(cls, features_dir: Path, namespace: str, record_ids: Sequence[str],
-                      hashes: Sequence[str]) -> "CacheEntry":
-        namespace_dir = Path(features_dir) / namespace
-        key = partition_key(namespace, record_ids, hashes)
-        return cls(namespace_dir, namespace_dir / f"part-{key}.parquet", namespace_dir / f"rejects-{key}.parquet",
-                   namespace_dir / "latest" / f"{ids_key(namespace, record_ids)}.json")
+def _replayed_rejects(record_ids_rejected: dict[str, str], run_id: str) -> pa.Table:
+    rows = [{"record_id": rid, "stage": STAGE, "reason": REJECT_REASON, "detail": detail, "run_id": run_id}
+            for rid, detail in sorted(record_ids_rejected.items())]
+    return rejects_table(rows) if rows else REJECTS_SCHEMA.empty_table()
 
 
 def lookup_cached(records_path: Path, features_dir: Path, run_dir: Path, run_id: str,
@@ -327,20 +285,17 @@ def lookup_cached(records_path: Path, features_dir: Path, run_dir: Path, run_id:
 
     On a hit nothing is computed: the cached rejects are replayed into this run's rejects
     file under ``run_id`` and the result is returned. Cheap enough for the flow process to
-    call before scheduling anything, so a warm rerun sends no task to the cluster.
+    call before scheduling anything (a few indexed queries), so a warm rerun sends no task
+    to the cluster.
     """
     keys = pq.read_table(records_path, columns=["record_id", "content_hash"])
-    record_ids = keys["record_id"].to_pylist()
-    entry = CacheEntry.for_partition(features_dir, cache_namespace(spec, stop_words), record_ids,
-                                     keys["content_hash"].to_pylist())
-    if not (entry.features_path.exists() and entry.rejects_path.exists()):
+    record_ids, hashes = keys["record_id"].to_pylist(), keys["content_hash"].to_pylist()
+    hit = feature_store(features_dir, spec, stop_words).whole_partition(record_ids, hashes)
+    if hit is None:
         return None
-    rejects = _with_run_id(pq.read_table(entry.rejects_path), run_id)
-    rejects_path = write_parquet(rejects, _rejects_out_path(run_dir, records_path))
-    n_ok = pq.ParquetFile(entry.features_path).metadata.num_rows
-    if (read_json(entry.pointer) or {}).get("features") != entry.features_path.name:
-        atomic_write_json(entry.pointer, {"features": entry.features_path.name})  # A -> B -> A edits
-    return FeaturesResult(entry.features_path, rejects_path, len(record_ids), n_ok, rejects.num_rows, len(record_ids))
+    path, n_ok, rejected = hit
+    rejects_path = write_parquet(_replayed_rejects(rejected, run_id), _rejects_out_path(run_dir, records_path))
+    return FeaturesResult(path, rejects_path, len(record_ids), n_ok, len(rejected), len(record_ids))
 
 
 def extract_features(records_path: Path, source_root: Path, features_dir: Path, run_dir: Path, run_id: str,
@@ -358,35 +313,59 @@ def extract_features(records_path: Path, source_root: Path, features_dir: Path, 
         return hit
     options = prep_options(spec, stop_words)
     stop = effective_stop_words(stop_words)
-    namespace = cache_namespace(spec, stop_words)
+    store = feature_store(features_dir, spec, stop_words)
     records = pq.read_table(records_path)
-    record_ids = records["record_id"].to_pylist()
-    entry = CacheEntry.for_partition(features_dir, namespace, record_ids, records["content_hash"].to_pylist())
-
-    wanted = pc.binary_join_element_wise(records["record_id"], records["content_hash"], "\t")
-    reused = _reusable_rows(entry.namespace_dir, entry.pointer, wanted)
+    record_ids, hashes = records["record_id"].to_pylist(), records["content_hash"].to_pylist()
+    reused, cached_rejects = store.reusable(record_ids, hashes)
     reused_ids = set(reused["record_id"].to_pylist()) if reused is not None else set()
 
     # One BLAS thread: parallelism is one partition per worker, and a BLAS thread pool on
     # these small matrices only spins against the other workers (4x slower under load).
     with threadpool_limits(limits=1, user_api="blas"):
-        computed_rows, computed, reject_rows = _featurize_rows(records, reused_ids, source_root, spec, stop, run_id)
+        # Repeated content inside the partition is computed once, then copied under each id.
+        copies: dict[str, str] = {}  # record_id -> the record_id computed for the same content
+        first_with: dict[str, str] = {}
+        for rid, h in zip(record_ids, hashes):
+            if rid not in reused_ids and rid not in cached_rejects:
+                copies[rid] = first_with.setdefault(h, rid)
+        copies = {rid: src for rid, src in copies.items() if rid != src}
+        computed_rows, computed, reject_rows = _featurize_rows(records, reused_ids | set(cached_rejects) | set(copies),
+                                                               source_root, spec, stop, run_id)
 
     table = features_table(computed_rows, computed, spec, options)
+    if copies:
+        table = pa.concat_tables([table, _copied_rows(table, copies)])
+        failed = {r["record_id"]: r for r in reject_rows}
+        reject_rows += [{**failed[src], "record_id": rid} for rid, src in copies.items() if src in failed]
     if reused is not None and reused.num_rows:
         table = pa.concat_tables([reused.cast(table.schema), table])
     table = table.sort_by("record_id")
-    rejects = rejects_table(reject_rows) if reject_rows else REJECTS_SCHEMA.empty_table()
-
-    write_parquet(rejects, entry.rejects_path)  # first: the features file marks the entry complete
-    write_parquet(table, entry.features_path)
-    atomic_write_json(entry.pointer, {"features": entry.features_path.name})
+    hash_of = dict(zip(record_ids, hashes))
+    new_rejects = {r["record_id"]: (hash_of[r["record_id"]], r["detail"]) for r in reject_rows
+                   if not r.get("transient")}
+    store.commit(store.file_path(table.column("record_id").to_pylist(), table.column("content_hash").to_pylist()),
+                 table, new_rejects)
+    replayed = _replayed_rejects(cached_rejects, run_id)
+    fresh = rejects_table([{k: v for k, v in r.items() if k != "transient"} for r in reject_rows]) \
+        if reject_rows else REJECTS_SCHEMA.empty_table()
+    rejects = pa.concat_tables([replayed, fresh]).sort_by("record_id")
     rejects_path = write_parquet(rejects, _rejects_out_path(run_dir, records_path))
-    return FeaturesResult(entry.features_path, rejects_path, len(record_ids), table.num_rows, len(reject_rows),
-                          len(reused_ids))
+    return FeaturesResult(store.file_path(table.column("record_id").to_pylist(),
+                                          table.column("content_hash").to_pylist()),
+                          rejects_path, len(record_ids), table.num_rows, rejects.num_rows,
+                          len(reused_ids) + len(cached_rejects) + len(copies))
 
 
 Rows = list[dict[str, Any]]
+
+
+def _copied_rows(table: pa.Table, copies: dict[str, str]) -> pa.Table:
+    """Rows of ``table`` for the records in ``copies`` (record_id -> source record_id), under their own ids."""
+    position = {rid: i for i, rid in enumerate(table.column("record_id").to_pylist())}
+    targets = [rid for rid, src in sorted(copies.items()) if src in position]
+    rows = table.take(pa.array([position[copies[rid]] for rid in targets], pa.int64()))
+    rows = rows.set_column(rows.schema.get_field_index("record_id"), "record_id", pa.array(targets, pa.string()))
+    return rows.cast(table.schema)
 
 
 def _featurize_rows(records: pa.Table, skip_ids: set[str], source_root: Path, spec: FeatureSpec,
@@ -408,7 +387,10 @@ def _featurize_rows(records: pa.Table, skip_ids: set[str], source_root: Path, sp
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - decoding bytes in memory: a bad record, never the disk
-            reject_rows.append(_reject_row(row["record_id"], exc, run_id))
+            # Deterministic in the content, so cached under its hash (not recomputed every night),
+            # except a file that changed since ingest, whose hash does not describe it.
+            reject_rows.append(_reject_row(row["record_id"], exc, run_id)
+                               | ({"transient": True} if isinstance(exc, ContentChanged) else {}))
             continue
         computed_rows.append(row)
 
@@ -444,5 +426,12 @@ def array_column(table: pa.Table, name: str, shape: tuple[int, ...]) -> np.ndarr
 
 extract_features_task = task(extract_features, name="extract-features", tags=["features"], **IO_RETRY,
                              cache_policy=NO_CACHE)
+def compact_features(features_dir: Path, spec: FeatureSpec = FeatureSpec(),
+                     stop_words: bool | Iterable[str] = True) -> dict[str, int]:
+    """Remove superseded rows and files from the current namespace (see tasks.feature_store)."""
+    return feature_store(features_dir, spec, stop_words).compact()
+
+
+compact_features_task = task(compact_features, name="compact-features", tags=["features"], **IO_RETRY)
 lookup_cached_task = task(lookup_cached, name="lookup-cached-features", tags=["features"], **IO_RETRY,
                           cache_policy=NO_CACHE)  # the content-hash cache above does this job

@@ -1,13 +1,17 @@
-"""Selection stage: choose which of this run's records go to annotators.
+"""Selection stage: choose which of this run's records go to annotators, where the data is.
 
-Reads only the run's scratch scores (probabilities + fused embeddings), or at cold start
-(no production model) compact vectors built from the features, and asks
-``model.selection.select``. Records already labeled, already pushed to Label Studio or
-still pending a push are never eligible.
+Two steps, so the flow process never holds the run's data: one Dask task per partition
+(:func:`shortlist_partition`) reads that partition's scratch scores (probabilities + fused
+embeddings) — or at cold start (no production model) its features, turned into compact
+model-free vectors — and writes a shortlist of its best candidates; one task
+(:func:`select_from_shortlists`) asks ``model.selection.select`` over the union of the
+shortlists and writes the selection. Records already labeled, already pushed to Label
+Studio or still pending a push are never eligible.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,7 +25,7 @@ from prefect import task
 from core.io import atomic_write_json, read_json, write_parquet
 from core.layout import DataLayout
 from model.selection import (STRATEGIES, StabilizingPredictions, cold_start_vectors, required_outputs,
-                             runnable_strategies, select, stable_sample)
+                             runnable_strategies, select, stable_sample, uncertainty_scores)
 from tasks.artifacts import publish_markdown
 from tasks.labels import load_labels
 from tasks.retry import IO_RETRY
@@ -67,64 +71,115 @@ class SelectionResult:
     n_eligible: int
 
 
-def select_for_annotation(record_parts: Sequence[str | Path], budget: int, out_path: str | Path,
-                          labels: Sequence[str], excluded_ids: Iterable[str], strategy: str,
-                          score_parts: Sequence[str | Path] = (), feature_parts: Sequence[str | Path] = (),
-                          seed: int = 0) -> SelectionResult:
-    """Pick up to ``budget`` records of this run and write the selection table for the push.
+# Shortlists: each partition keeps its best SHORTLIST_FACTOR x budget candidates, the same
+# factor model.selection's diversity step clusters, so the union holds the global top.
+SHORTLIST_FACTOR = 5.0
+# Cold start clusters a hash-drawn sample of at most this many records (spread over partitions).
+COLD_START_SAMPLE = 20_000
 
-    With ``score_parts`` (a production model scored the run) the strategy works on its
-    probabilities and fused embeddings; without them (cold start) it is diversity alone on
-    ``model.selection.cold_start_vectors`` of ``feature_parts``.
+
+def _sample_keys(record_ids: Sequence[str], seed: int) -> np.ndarray:
+    """A stable pseudo-random key per record id (random picks and samples that do not depend on order)."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{rid}".encode(), digest_size=8).digest(), "big")
+                     for rid in record_ids], dtype=np.uint64)
+
+
+def _score_name(strategy: str) -> str:
+    return strategy.removeprefix("diverse_")
+
+
+def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: str | Path, layout: DataLayout,
+                        labels: Sequence[str], strategy: str, budget: int, scored: bool, seed: int = 0
+                        ) -> tuple[Path, int]:
+    """One partition's candidates for the batch (on a Dask worker; only the shortlist leaves).
+
+    ``scored``: ``part`` is a scores scratch file (probabilities + fused embeddings) and the
+    shortlist is the partition's top candidates by the strategy's score (by a stable
+    random key for ``random``); otherwise ``part`` is a features file (cold start) and the
+    shortlist is a hash-drawn sample of its records with their model-free vectors. Records
+    excluded from selection never enter a shortlist. Returns (shortlist path, eligible count).
     """
-    excluded = set(excluded_ids)
-    if score_parts:
-        table = pa.concat_tables([pq.read_table(p) for p in score_parts])
+    excluded = excluded_from_selection(layout)
+    if scored:
+        table = pq.read_table(part)
         ids = table.column("record_id").to_pylist()
-        probs = np.stack([table.column(f"p_{label}").to_numpy() for label in labels], axis=1)
-        embeddings = np.asarray(table.column(EMBEDDING_COLUMN).combine_chunks().flatten(), np.float32)
-        embeddings = embeddings.reshape(len(ids), -1) if ids else embeddings.reshape(0, 1)
-        # Plain strings: Arrow joins do not carry dictionary-encoded payload columns.
-        info = pa.table({"record_id": table.column("record_id"),
-                         "predicted_label": table.column("predicted_label").cast(pa.string()),
-                         "confidence": table.column("confidence"),
-                         "model_version": table.column("model_version").cast(pa.string())})
-        used = strategy
+        probs = np.stack([table.column(f"p_{label}").to_numpy() for label in labels], axis=1).astype(np.float32) \
+            if ids else np.zeros((0, len(labels)), np.float32)
+        vectors = np.asarray(table.column(EMBEDDING_COLUMN).combine_chunks().flatten(), np.float32)
+        predicted = table.column("predicted_label").cast(pa.string())
+        confidence = table.column("confidence")
+        version = table.column("model_version").cast(pa.string())
     else:
-        tables = [pq.read_table(p) for p in feature_parts]
-        features = pa.concat_tables(tables) if tables else None
-        ids = features.column("record_id").to_pylist() if features is not None else []
+        table = pq.read_table(part)
+        ids = table.column("record_id").to_pylist()
         probs = None
-        embeddings = cold_start_vectors(features) if features is not None else np.zeros((0, 1), np.float32)
-        info = pa.table({"record_id": pa.array(ids, pa.string()),
-                         "predicted_label": pa.nulls(len(ids), pa.string()),
-                         "confidence": pa.nulls(len(ids), pa.float32()),
-                         "model_version": pa.nulls(len(ids), pa.string())})
-        used = "cold_start"
-    eligible = np.array([rid not in excluded for rid in ids], dtype=bool)
-    if budget > 0 and eligible.any():
-        picks = select(used, budget, probs=probs, embeddings=embeddings, eligible_mask=eligible, seed=seed)
+        vectors = cold_start_vectors(table).astype(np.float32)
+        predicted = pa.nulls(len(ids), pa.string())
+        confidence = pa.nulls(len(ids), pa.float32())
+        version = pa.nulls(len(ids), pa.string())
+    vectors = vectors.reshape(len(ids), -1) if ids else vectors.reshape(0, 1)
+    eligible = np.flatnonzero(np.array([rid not in excluded for rid in ids], dtype=bool))
+    keep_n = int(np.ceil(SHORTLIST_FACTOR * budget)) if scored else int(np.ceil(COLD_START_SAMPLE / max(n_parts, 1)))
+    if not scored or strategy == "random":
+        order = eligible[np.argsort(_sample_keys([ids[i] for i in eligible], seed), kind="stable")]
     else:
-        picks = np.zeros(0, dtype=int)
-    chosen = info.take(pa.array(np.asarray(picks, dtype=np.int64)))
-    records = pa.concat_tables([pq.read_table(p, columns=["record_id", "text", "image", "audio"])
-                                for p in record_parts])
-    records = records.filter(pc.is_in(records.column("record_id"), value_set=chosen.column("record_id")))
+        scores = uncertainty_scores(_score_name(strategy) if strategy != "hybrid" else "entropy", probs=probs)
+        order = eligible[np.argsort(-scores[eligible], kind="stable")]
+    keep = np.sort(order[:keep_n])  # the partition's own order: the union is the run's order, restricted
+    take = pa.array(keep.astype(np.int64))
+    dim = vectors.shape[1]
+    shortlist = pa.table({
+        "record_id": pa.array([ids[i] for i in keep], pa.string()),
+        "part": pa.array(np.full(keep.size, index, np.int32)),
+        "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs[keep].reshape(-1)), len(labels))
+        if probs is not None else pa.nulls(keep.size, pa.list_(pa.float32(), len(labels))),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[keep].reshape(-1)), dim),
+        "predicted_label": predicted.take(take), "confidence": confidence.take(take),
+        "model_version": version.take(take),
+    })
+    return write_parquet(shortlist, out_path), int(eligible.size)
+
+
+def select_from_shortlists(shortlist_paths: Sequence[str | Path], record_parts: Sequence[str | Path], budget: int,
+                           out_path: str | Path, strategy: str, n_eligible: int, seed: int = 0) -> SelectionResult:
+    """The batch: ``model.selection.select`` over the union of the partitions' shortlists.
+
+    For the uncertainty strategies and their ``diverse_`` forms the union holds every
+    record the in-memory selection over the whole run would consider (each partition's top
+    ``SHORTLIST_FACTOR x budget``), in the run's order, so the picks are the same; cold start
+    clusters the union of the partitions' samples (all records, up to COLD_START_SAMPLE).
+    """
+    tables = [pq.read_table(p) for p in shortlist_paths]
+    union = pa.concat_tables(tables) if tables else None
+    n = union.num_rows if union is not None else 0
+    scored = n > 0 and union.column("probs").null_count == 0
+    used = strategy if scored else "cold_start"
+    if budget <= 0 or n == 0:
+        picks = np.zeros(0, dtype=np.int64)
+    else:
+        vectors = np.asarray(union.column("vector").combine_chunks().flatten(), np.float32).reshape(n, -1)
+        if used == "random":
+            picks = np.argsort(_sample_keys(union.column("record_id").to_pylist(), seed), kind="stable")[:budget]
+        else:
+            probs = np.asarray(union.column("probs").combine_chunks().flatten(), np.float32).reshape(n, -1) \
+                if scored else None
+            picks = select(used, budget, probs=probs, embeddings=vectors, seed=seed)
+    info = union.select(["record_id", "predicted_label", "confidence", "model_version"]) if n else None
+    chosen = info.take(pa.array(np.asarray(picks, dtype=np.int64))) if n else \
+        pa.table({"record_id": pa.array([], pa.string()), "predicted_label": pa.array([], pa.string()),
+                  "confidence": pa.array([], pa.float32()), "model_version": pa.array([], pa.string())})
+    ids = chosen.column("record_id")
+    pieces = [pq.read_table(p, columns=["record_id", "text", "image", "audio"],
+                            filters=[("record_id", "in", ids.to_pylist())]) for p in record_parts] if len(ids) else []
+    records = pa.concat_tables(pieces) if pieces else \
+        pa.table({name: pa.array([], pa.string()) for name in ("record_id", "text", "image", "audio")})
     selection = records.join(chosen, "record_id").select(SELECTION_COLUMNS).sort_by("record_id")
     write_parquet(selection, out_path)
-    return SelectionResult(Path(out_path), selection.column("record_id").to_pylist(), used, int(eligible.sum()))
+    return SelectionResult(Path(out_path), selection.column("record_id").to_pylist(), used, n_eligible)
 
 
-def select_records(layout: DataLayout, run_id: str, budget: int, labels: Sequence[str], strategy: str,
-                   score_parts: Sequence[str | Path] = (), feature_parts: Sequence[str | Path] = (),
-                   seed: int = 0) -> SelectionResult:
-    """This build's selection: its records minus :func:`excluded_from_selection`, into the run folder."""
-    run = layout.run(run_id)
-    return select_for_annotation(run.records_parts(), budget, run.selection, labels, excluded_from_selection(layout),
-                                 strategy, score_parts=score_parts, feature_parts=feature_parts, seed=seed)
-
-
-select_for_annotation_task = task(select_records, name="select-for-annotation", **IO_RETRY)
+shortlist_partition_task = task(shortlist_partition, name="shortlist-partition", **IO_RETRY)
+select_from_shortlists_task = task(select_from_shortlists, name="select-for-annotation", **IO_RETRY)
 
 
 STOPPING_SAMPLE_SIZE = 500

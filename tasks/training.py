@@ -82,24 +82,19 @@ def read_groups(path: str | Path, record_ids: Sequence[str]) -> list[str | None]
     return [group_of.get(rid) for rid in record_ids]
 
 
-def labeled_features(layout: DataLayout, prep_version: str | None = None) -> pa.Table:
-    """Cached feature rows of every labeled record (one per record), with its ``label`` column."""
+def labeled_features(layout: DataLayout) -> pa.Table:
+    """Current cached feature rows of every labeled record (one per record), with its ``label`` column.
+
+    Read through the feature store's index (the current preprocessing namespace), so a
+    record whose media changed contributes its newest features only.
+    """
+    from tasks.features import feature_store
+
     labels = load_labels(layout)
-    features_dir = layout.features
-    # Feature files only (the cache folder also holds its rejects and pointers), newest first:
-    # a record whose media changed sits in an old file too, and the newest features win.
-    files = sorted(Path(features_dir).glob("**/part-*.parquet"), key=lambda p: p.stat().st_mtime, reverse=True)
-    if labels.num_rows == 0 or not files:
+    table = feature_store(layout.features).read_records(labels.column("record_id").to_pylist()) \
+        if labels.num_rows else None
+    if table is None or table.num_rows == 0:
         return pa.table({"record_id": pa.array([], pa.string())})
-    expr = pc.field("record_id").isin(labels.column("record_id"))
-    if prep_version is not None:
-        expr = expr & (pc.field("prep_version") == prep_version)
-    table = ds.dataset([str(p) for p in files], format="parquet").to_table(filter=expr)
-    if table.num_rows == 0:
-        return table
-    # Fragments are read in the order given, so the first row of each id is the newest.
-    _, first = np.unique(np.asarray(table.column("record_id").to_pylist(), dtype=object), return_index=True)
-    table = table.take(pa.array(np.sort(first)))
     label_of = dict(zip(labels.column("record_id").to_pylist(), labels.column("label").cast(pa.string()).to_pylist()))
     table = table.append_column("label", pa.array([label_of[r] for r in table.column("record_id").to_pylist()], pa.string()))
     return table.sort_by("record_id")
@@ -128,8 +123,7 @@ class RetrainResult:
     learning_curve_png: Path | None = None
 
 
-def retrain(layout: DataLayout, labels: Sequence[str], prep_version: str | None = None, fusion: str = "concat",
-            epochs: int = 30,
+def retrain(layout: DataLayout, labels: Sequence[str], fusion: str = "concat", epochs: int = 30,
             margin: float = 0.0, holdout_fraction: float = 0.2, min_train: int = 20, seed: int = 13,
             promote: bool = True) -> RetrainResult:
     """Fit a candidate on the non-holdout labels, evaluate against production on the holdout,
@@ -139,7 +133,7 @@ def retrain(layout: DataLayout, labels: Sequence[str], prep_version: str | None 
     from model.metrics import evaluate, plot_confusion_matrix, plot_learning_curve
     from model.registry import ModelRegistry
 
-    table = labeled_features(layout, prep_version)
+    table = labeled_features(layout)
     if table.num_rows == 0:
         return RetrainResult(None, False, "no labeled records with cached features", 0, 0)
     ids = table.column("record_id").to_pylist()
@@ -221,13 +215,10 @@ def retrain_and_report(layout: DataLayout, labels: Sequence[str], min_new_labels
                        epochs: int = 30, margin: float = 0.0, seed: int = 13) -> tuple[RetrainGate, RetrainResult | None]:
     """The retrain unit a flow runs: gate, train + evaluate + register + promote, remember, and
     publish the candidate-vs-production table as a Prefect artifact."""
-    from tasks.preprocess import PREP_VERSION
-
     gate = retrain_gate(layout, min_new_labels)
     if not gate.go:
         return gate, None
-    result = retrain(layout, labels, prep_version=PREP_VERSION, fusion=fusion, epochs=epochs, margin=margin,
-                     seed=seed)
+    result = retrain(layout, labels, fusion=fusion, epochs=epochs, margin=margin, seed=seed)
     if result.version is not None:
         record_retrain(layout, gate.n_labels, result.version)
         publish_markdown(result.markdown(), key="retrain-comparison",

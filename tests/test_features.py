@@ -220,3 +220,78 @@ def test_real_records_from_realmix(realmix_dir, tmp_path):
     assert np.isfinite(F.array_column(audio, "logmel", (SPEC.n_frames, SPEC.n_mels))).all()
     detectors = table.filter(table["has_image"])["face_detector"].to_pylist()
     assert "haar" in detectors  # FER2013 crops: the cascade finds some, the rest are centred already
+
+
+# ---------------------------------------------------------------------------------- record-level cache
+
+
+def _build(source: Path, tmp: Path, run: str, partition_size: int = 4) -> list[F.FeaturesResult]:
+    """Ingest in partitions of ``partition_size`` and featurise every partition (no Prefect)."""
+    run_dir = tmp / "runs" / run
+    split = split_manifest(source, run_dir, run, partition_size, DEFAULT_LABELS)
+    results = [F.extract_features(validate_partition(chunk, source, run_dir, run).records_path, source,
+                                  tmp / "data" / "features", run_dir, run) for chunk in split.chunk_paths]
+    F.compact_features(tmp / "data" / "features")
+    return results
+
+
+def _computed(results) -> int:
+    return sum(r.n_in - r.n_cached for r in results)
+
+
+def _rewrite_manifest(source: Path, rows: list[dict]) -> None:
+    (source / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _all_feature_ids(features_dir: Path) -> list[str]:
+    """Every record id a reader globbing the features folder sees (duplicates kept)."""
+    return [rid for path in sorted(features_dir.rglob("part-*.parquet"))
+            for rid in pq.read_table(path, columns=["record_id"]).column("record_id").to_pylist()]
+
+
+def test_append_delete_reorder_recompute_only_new_content(tmp_path):
+    source = make_source(tmp_path / "source", n=12)
+    rows = [json.loads(line) for line in (source / "manifest.jsonl").read_text().splitlines()]
+    assert _computed(_build(source, tmp_path, "cold")) == 12
+
+    # Append 2 records: the last partition changes, only the 2 new records are computed.
+    rows += [{"record_id": f"new{i}", "text": f"brand new utterance {i}"} for i in range(2)]
+    _rewrite_manifest(source, rows)
+    assert _computed(_build(source, tmp_path, "append")) == 2
+
+    # Delete the first record: every partition shifts by one, nothing is computed.
+    _rewrite_manifest(source, rows[1:])
+    assert _computed(_build(source, tmp_path, "delete")) == 0
+
+    # Reorder: records land in other partitions, nothing is computed.
+    _rewrite_manifest(source, list(reversed(rows[1:])))
+    assert _computed(_build(source, tmp_path, "reorder")) == 0
+
+    # After compaction a reader of features/ sees each current record once, and only those.
+    ids = _all_feature_ids(tmp_path / "data" / "features")
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {r["record_id"] for r in rows}  # r000 still has its features (another source may use it)
+
+
+def test_changed_content_supersedes_the_old_row_and_compaction_removes_it(tmp_path):
+    source = make_source(tmp_path / "source", n=8)
+    _build(source, tmp_path, "one")
+    (source / "img" / "2.png").write_bytes(_png(77))
+    results = _build(source, tmp_path, "two")
+    assert _computed(results) == 1
+    features_dir = tmp_path / "data" / "features"
+    ids = _all_feature_ids(features_dir)
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 8
+    store = F.feature_store(features_dir)
+    current = store.read_records(["r002"])
+    assert current.num_rows == 1 and current.column("content_hash")[0].as_py() == \
+        content_hash("I am not happy number 2", _png(77), None)
+
+
+def test_repeated_content_is_computed_once(tmp_path):
+    source = make_source(tmp_path / "source", n=4)
+    rows = [json.loads(line) for line in (source / "manifest.jsonl").read_text().splitlines()]
+    rows += [{**row, "record_id": row["record_id"] + "-copy"} for row in rows]  # same text, same media
+    _rewrite_manifest(source, rows)
+    results = _build(source, tmp_path, "dupes", partition_size=100)
+    assert _computed(results) == 4 and results[0].n_ok == 8
