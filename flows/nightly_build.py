@@ -45,7 +45,7 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
     check_strategy(settings.selection_strategy)
     layout, run_id = settings.layout, new_run_id()
     run_date = run_date or datetime.now(timezone.utc).date()
-    report = RunReport("nightly build", run_id, facts={"planned_stages": 6})
+    report = RunReport("nightly build", run_id, facts={"planned_stages": 8})
     clean_staging_task(layout.root)
 
     with report.stage("ingest+features") as stage:
@@ -98,8 +98,9 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
                                                               layout.scores, run_date, settings.labels).result()
             stage.counts["scores"] = n_scores
             report.outputs["scores"] = str(scores_dir)
+    with report.stage("compact features") as stage:
         compacted = compact_features_task.submit(layout.features).result()
-        stage.counts["superseded feature files removed"] = compacted["files_removed"] + compacted["files_rewritten"]
+        stage.counts = {"files removed": compacted["files_removed"], "files rewritten": compacted["files_rewritten"]}
 
     with report.stage("push") as stage:
         if not push_to_label_studio:

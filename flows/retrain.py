@@ -28,7 +28,8 @@ def retrain_flow(data_root: str | None = None, fusion: str = "concat", epochs: i
         report.finish()
         return {"skipped": True, "reason": gate.reason, "labels": gate.n_labels}
     stage.counts |= {"train": result.n_train, "holdout": result.n_holdout}
-    report.add_retrain(result, settings.layout.models)
+    if result.version is not None:
+        report.add_retrain(result, settings.layout.models)
     report.finish()
     return {"skipped": False, "version": result.version, "promoted": result.promoted, "reason": result.reason,
             "macro_f1": result.metrics.get("macro_f1"), "n_train": result.n_train, "n_holdout": result.n_holdout,
