@@ -62,23 +62,14 @@ def load_manifest(data_dir: Path) -> list[dict]:
 
 def build_features(rows: list[dict], data_dir: Path, spec: FeatureSpec) -> pa.Table:
     """Features of every manifest row, through the product's preprocessing functions."""
-    from tasks.features import features_table, prep_options
-    from tasks.preprocess import preprocess_audio, preprocess_image, preprocess_text
+    from tasks.features import featurize, features_table, prep_options
 
     def one(row: dict) -> dict:
-        out = {"image": None, "face_detector": None, "tokens": None, "logmel": None, "prosody": None}
-        if row.get("image"):
-            image = preprocess_image((data_dir / row["image"]).read_bytes(), size=spec.image_size)
-            out["image"], out["face_detector"] = image.pixels.reshape(-1), image.face_detector
-        if row.get("text"):
-            out["tokens"] = preprocess_text(row["text"], spec.max_tokens)
-        if row.get("audio"):
-            audio = preprocess_audio((data_dir / row["audio"]).read_bytes(), spec)
-            out["logmel"], out["prosody"] = audio.logmel.reshape(-1), audio.prosody
-        return out
+        image = (data_dir / row["image"]).read_bytes() if row.get("image") else None
+        audio = (data_dir / row["audio"]).read_bytes() if row.get("audio") else None
+        return featurize(row.get("text") or None, image, audio, spec)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        features = list(pool.map(one, rows))
+    features = [one(row) for row in rows]  # sequential: one e5 engine per process, not shared by threads
     records = [
         {"record_id": r["record_id"], "content_hash": "-", "has_image": bool(r.get("image")),
          "has_text": bool(r.get("text")), "has_audio": bool(r.get("audio"))}
@@ -88,9 +79,9 @@ def build_features(rows: list[dict], data_dir: Path, spec: FeatureSpec) -> pa.Ta
 
 
 def cached_features(rows: list[dict], data_dir: Path, out_dir: Path, spec: FeatureSpec) -> pa.Table:
-    from tasks.preprocess import PREP_VERSION
+    from tasks.features import cache_namespace
 
-    path = out_dir / f"realmix-features-{PREP_VERSION}.parquet"
+    path = out_dir / f"realmix-features-{cache_namespace(spec)}.parquet"
     if path.exists():
         table = pq.read_table(path)
         if table.column("record_id").to_pylist() == [r["record_id"] for r in rows]:
