@@ -53,7 +53,7 @@ def simulate_annotation(settings: Settings, truth: dict[str, str], annotators: i
     return {"annotated": sum(s.annotated for s in stats), "skipped": sum(s.skipped for s in stats)}
 
 
-def _retrain(settings: Settings, epochs: int, fusion: str):
+def _retrain(settings: Settings, epochs: int | None, fusion: str | None):
     from tasks.preprocess import PREP_VERSION
 
     return retrain_task(settings.labels_dir, settings.features_dir, settings.models_dir, settings.reports_dir,
@@ -165,7 +165,7 @@ def print_rounds(rows: list[dict[str, Any]], console: Console | None = None) -> 
 
 @flow(name="affectloop-loop", task_runner=make_task_runner(get_settings()), log_prints=True)
 def loop(source: str | None = None, data_root: str | None = None, rounds: int = 2, demo: bool = False,
-         annotators: int = 1, error_rate: float = 0.1, epochs: int = 30, fusion: str = "concat",
+         annotators: int = 1, error_rate: float = 0.1, epochs: int | None = None, fusion: str | None = None,
          annotation_budget: int | None = None) -> dict[str, Any]:
     """Run the whole labeling loop ``rounds`` times."""
     settings = get_settings(source=source, data_root=data_root, annotation_budget=annotation_budget)

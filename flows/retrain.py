@@ -35,7 +35,7 @@ def comparison_markdown(result) -> str:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain_flow(data_root: str | None = None, fusion: str = "concat", epochs: int = 30,
+def retrain_flow(data_root: str | None = None, fusion: str | None = None, epochs: int | None = None,
                  min_new_labels: int = 0, promotion_margin: float | None = None) -> dict:
     """Retrain when at least ``min_new_labels`` labels arrived since the last retrain."""
     settings = get_settings(data_root=data_root, promotion_margin=promotion_margin)

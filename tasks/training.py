@@ -83,8 +83,8 @@ def retrain(labels_dir: str | Path, features_dir: str | Path, models_dir: str | 
             promote: bool = True) -> RetrainResult:
     """Fit a candidate on the non-holdout labels, evaluate against production on the holdout,
     register it, and promote it when macro-F1 is not worse than production's minus ``margin``."""
-    from model.estimator import FusionClassifier
     from model.inputs import arrays_from_features
+    from model.training import DEFAULT_CONFIG, train_model
     from model.metrics import evaluate, plot_confusion_matrix, plot_learning_curve
     from model.registry import ModelRegistry
 
@@ -101,9 +101,9 @@ def retrain(labels_dir: str | Path, features_dir: str | Path, models_dir: str | 
                              train_table.num_rows, hold_table.num_rows)
     y_train = np.asarray(train_table.column("label").to_pylist(), dtype=object)
     y_hold = np.asarray(hold_table.column("label").to_pylist(), dtype=object)
-    params = {"fusion": fusion, "epochs": epochs, "seed": seed, "labels": list(labels)}
-    candidate = FusionClassifier(labels=tuple(labels), fusion=fusion, epochs=epochs, seed=seed)
-    candidate.fit(arrays_from_features(train_table), y_train)
+    config = DEFAULT_CONFIG.with_overrides(fusion=fusion, epochs=epochs)  # None: the product default
+    params = {**config.to_dict(), "seed": seed, "labels": list(labels)}
+    candidate = train_model(arrays_from_features(train_table), y_train, config=config, labels=labels, seed=seed)
     X_hold = arrays_from_features(hold_table)
     metrics = evaluate(y_hold, candidate.predict_proba(X_hold), list(labels))
 
