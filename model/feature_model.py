@@ -449,7 +449,8 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         fusion = model.name[len(MODEL_PREFIX):]
         cores = [layer for layer in model.layers if isinstance(layer, keras.Model)]
         est = cls(labels=tuple(probs.labels), fusion=fusion,
-                  embed_dim=int(cores[0].get_layer(f"{MODALITIES[0]}_projection").units),
+                  embed_dim=next((int(layer.units) for layer in cores[0].layers
+                                  if layer.name == f"{MODALITIES[0]}_projection"), 128),  # unused by late fusion
                   modality_dropout=float(cores[0].get_layer("modality_dropout").rate), n_members=len(cores))
         est.n_members_ = len(cores)
         est.model_ = model

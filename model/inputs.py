@@ -101,9 +101,9 @@ def arrays_from_features(table: pa.Table, spec: FeatureSpec | None = None) -> di
     vector_ok: dict[str, np.ndarray] = {}
     widths = {"image": spec.n_image_features, "text": spec.n_text_features, "audio": spec.n_audio_features}
     for modality, name in FEATURE_INPUTS.items():
-        if name in table.column_names:
+        if name in table.column_names and table.column(name).null_count < n:
             vectors[name], vector_ok[modality] = _fixed_list_to_array(table.column(name), widths[modality])
-        else:  # a features file from before the extractors: the seed's inputs only
+        else:  # features from before the extractors (or none extracted): the seed's inputs only
             vectors[name], vector_ok[modality] = np.zeros((n, widths[modality]), np.float32), np.ones(n, bool)
 
     # A modality is present only when every array it feeds (seed inputs and feature vector) is there.
