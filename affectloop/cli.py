@@ -180,7 +180,8 @@ def sync(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot) -
 @app.command()
 def retrain(data_root: Optional[Path] = DataRoot,
             min_new_labels: int = typer.Option(0, help="skip unless this many labels arrived since the last retrain"),
-            epochs: int = typer.Option(30), fusion: str = typer.Option("concat", help="concat | weighted | gated (concat won on realmix validation)"),
+            epochs: Optional[int] = typer.Option(None, help="maximum epochs (default: the model's own, model.training.DEFAULT_CONFIG)"),
+            fusion: Optional[str] = typer.Option(None, help="late | concat | weighted | gated (default: late, model.training.DEFAULT_CONFIG)"),
             margin: Optional[float] = typer.Option(None, help="promotion margin on holdout macro-F1")) -> None:
     """Retrain on gold + annotated labels; promote only if not worse on the frozen holdout."""
     settings = _settings(data_root=data_root)
@@ -199,7 +200,7 @@ def loop(source: Optional[str] = Source, data_root: Optional[Path] = DataRoot,
          annotators: int = typer.Option(1, help="simulated annotators per task (with --demo)"),
          error_rate: float = typer.Option(0.1, help="simulated annotators' error rate"),
          budget: Optional[int] = typer.Option(None, help="records sent to annotators per build"),
-         epochs: int = typer.Option(30)) -> None:
+         epochs: Optional[int] = typer.Option(None, help="maximum epochs (default: the model's own)")) -> None:
     """The whole loop once: build, push, annotate (demo), sync, retrain, rescore."""
     settings = _settings(builds=True, source=source, data_root=data_root, annotation_budget=budget)
     with _exit_codes():

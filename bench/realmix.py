@@ -1,18 +1,21 @@
-"""Fusion model vs. a logistic-regression baseline on real data (../shared/data/realmix).
+"""Baseline vs. the seed architecture vs. the product's model on real data (../shared/data/realmix).
 
-Speaker-independent: the RAVDESS actors on the test side never appear in training, and
-the validation split used to choose hyper-parameters (and the fusion option reported as
-"fused") is carved from the training side the same way. The test split is only scored.
+Speaker-independent and using every actor: leave one RAVDESS actor out. Fold k's test side
+holds actor k's records and a matching quarter of the records without audio (stratified);
+the figure is the mean over the folds, with the standard deviation beside it. Within each
+fold every setting is chosen on the training side only (the baseline's C on a
+speaker-grouped validation split; the networks' early stopping and calibration on
+speaker-grouped held-out folds); the test side is only scored.
 
-Features come from the product's own preprocessing (``tasks.preprocess``) assembled into
-the features contract (``tasks.features.features_table``) and turned into model inputs by
-``model.inputs.arrays_from_features``; they are cached under bench/out/ (git-ignored).
+The product row is ``model.training.train_model`` with ``DEFAULT_CONFIG``: the very
+function and defaults ``affectloop retrain`` uses. Features come from the product's
+preprocessing (``tasks.features.featurize``), cached under bench/out/ (git-ignored).
 
 Baseline (what a user would try first): logistic regressions on raw standardised pixels
 (PCA), on TF-IDF of words + character n-grams of the raw text, and on log-mel band
 statistics; fused late by summing the log-probabilities of the modalities present.
 
-Usage: python bench/realmix.py [--data PATH] [--out DIR] [--quick]
+Usage: python bench/realmix.py [--data PATH] [--out DIR] [--quick] [--systems baseline,seed,product]
 The last line of stdout is one JSON object.
 """
 
@@ -23,7 +26,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -42,15 +44,13 @@ sys.path.insert(0, str(ROOT))
 from core.io import atomic_write_json, write_parquet  # noqa: E402
 from core.schemas import FeatureSpec  # noqa: E402
 from core.settings import DEFAULT_LABELS  # noqa: E402
-from model.calibration import fit_temperature, softmax  # noqa: E402
 from model.inputs import MODALITIES, arrays_from_features, mask_modalities, presence, subset  # noqa: E402
-from model.metrics import evaluate, evaluate_by_modality, plot_confusion_matrix  # noqa: E402
-from model.splits import grouped_folds, grouped_split  # noqa: E402
+from model.metrics import evaluate, evaluate_by_modality  # noqa: E402
+from model.splits import grouped_split, leave_one_group_out  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "realmix"
 LABELS = list(DEFAULT_LABELS)
 RAW_TEXT = "raw_text"  # extra key in the named inputs, for the baseline's TF-IDF
-TEST_FRACTION = 0.25  # one of the four actors
 SEED = 13
 
 
@@ -62,23 +62,14 @@ def load_manifest(data_dir: Path) -> list[dict]:
 
 def build_features(rows: list[dict], data_dir: Path, spec: FeatureSpec) -> pa.Table:
     """Features of every manifest row, through the product's preprocessing functions."""
-    from tasks.features import features_table, prep_options
-    from tasks.preprocess import preprocess_audio, preprocess_image, preprocess_text
+    from tasks.features import featurize, features_table, prep_options
 
     def one(row: dict) -> dict:
-        out = {"image": None, "face_detector": None, "tokens": None, "logmel": None, "prosody": None}
-        if row.get("image"):
-            image = preprocess_image((data_dir / row["image"]).read_bytes(), size=spec.image_size)
-            out["image"], out["face_detector"] = image.pixels.reshape(-1), image.face_detector
-        if row.get("text"):
-            out["tokens"] = preprocess_text(row["text"], spec.max_tokens)
-        if row.get("audio"):
-            audio = preprocess_audio((data_dir / row["audio"]).read_bytes(), spec)
-            out["logmel"], out["prosody"] = audio.logmel.reshape(-1), audio.prosody
-        return out
+        image = (data_dir / row["image"]).read_bytes() if row.get("image") else None
+        audio = (data_dir / row["audio"]).read_bytes() if row.get("audio") else None
+        return featurize(row.get("text") or None, image, audio, spec)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        features = list(pool.map(one, rows))
+    features = [one(row) for row in rows]  # sequential: one e5 engine per process, not shared by threads
     records = [
         {"record_id": r["record_id"], "content_hash": "-", "has_image": bool(r.get("image")),
          "has_text": bool(r.get("text")), "has_audio": bool(r.get("audio"))}
@@ -88,9 +79,9 @@ def build_features(rows: list[dict], data_dir: Path, spec: FeatureSpec) -> pa.Ta
 
 
 def cached_features(rows: list[dict], data_dir: Path, out_dir: Path, spec: FeatureSpec) -> pa.Table:
-    from tasks.preprocess import PREP_VERSION
+    from tasks.features import cache_namespace
 
-    path = out_dir / f"realmix-features-{PREP_VERSION}.parquet"
+    path = out_dir / f"realmix-features-{cache_namespace(spec)}.parquet"
     if path.exists():
         table = pq.read_table(path)
         if table.column("record_id").to_pylist() == [r["record_id"] for r in rows]:
@@ -187,41 +178,17 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
 
 
 # ------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
-    parser.add_argument("--quick", action="store_true", help="few epochs, one fusion option (smoke run)")
-    parser.add_argument("--fusions", default="gated,weighted,concat")
-    parser.add_argument("--folds", type=int, default=3, help="cross-fitting folds for the headline ensemble (1: none)")
-    parser.add_argument("--seeds", type=int, default=2, help="ensemble members per fold")
-    args = parser.parse_args(argv)
+SYSTEMS = {
+    "baseline": "baseline: logistic regressions, late fusion",
+    "seed": "seed architecture (CNN/BiLSTM/conv1d, concat)",
+    "product": "product default (model.training.train_model)",
+}
 
-    from model.estimator import FusionClassifier
 
-    if not (args.data / "manifest.jsonl").is_file():
-        parser.error(f"no realmix data at {args.data} (expected manifest.jsonl); pass --data")
-    if args.quick:
-        args.folds, args.seeds = min(args.folds, 2), 1
-    t0 = time.time()
-    spec = FeatureSpec()
-    rows = load_manifest(args.data)
-    table = cached_features(rows, args.data, args.out, spec)
-    X = arrays_from_features(table)
-    y = np.array([r["label"] for r in rows])
-    X[RAW_TEXT] = np.array([r.get("text") or "" for r in rows], dtype=object)  # rides along; the network ignores it
-    speakers = np.array([r.get("speaker") for r in rows], dtype=object)
-    print(f"{len(rows)} records, features in {time.time() - t0:.0f}s", flush=True)
-
-    train_side, test = grouped_split(y, speakers, TEST_FRACTION, SEED)
-    fit_part, val_part = grouped_split(y[train_side], speakers[train_side], 1 / 3, SEED)
-    fit_idx, val_idx = train_side[fit_part], train_side[val_part]
-    _check_speaker_independent(speakers, [fit_idx, val_idx, test])
-    print(f"split: fit {len(fit_idx)}, validation {len(val_idx)}, test {len(test)}; "
-          f"test actors {sorted(set(speakers[test]) - {None})}", flush=True)
-
-    results: dict[str, dict[str, dict]] = {}
-    # Baseline: C per modality chosen on the validation split, refit on the whole training side.
+def fit_baseline(X: dict, y: np.ndarray, speakers: np.ndarray, train: np.ndarray) -> LateFusionBaseline:
+    """The baseline with C per modality chosen on a speaker-grouped validation split of ``train``."""
+    fit_part, val_part = grouped_split(y[train], speakers[train], 1 / 3, SEED)
+    fit_idx, val_idx = train[fit_part], train[val_part]
     best_c = {}
     val_present = presence(subset(X, val_idx))
     for j, modality in enumerate(MODALITIES):
@@ -233,82 +200,106 @@ def main(argv: list[str] | None = None) -> dict:
             proba = model.predict_proba(mask_modalities(subset(X, rows), [modality]))
             scores[c] = evaluate(y[rows], proba, LABELS)["macro_f1"]
         best_c[modality] = max(scores, key=scores.get)
-    baseline = LateFusionBaseline(best_c).fit(subset(X, train_side), y[train_side])
-    results["baseline (LR late fusion)"] = evaluate_by_modality(baseline.predict_proba, subset(X, test), y[test], LABELS)
-    print(f"baseline C {best_c} ({time.time() - t0:.0f}s)", flush=True)
+    return LateFusionBaseline(best_c).fit(subset(X, train), y[train])
 
-    # Fusion network: each fusion option fit on the fit part, early stopping and temperature
-    # on the validation part; the option with the best validation macro-F1 is chosen.
-    fusions = ["gated"] if args.quick else args.fusions.split(",")
-    epochs = 3 if args.quick else 100
-    val_scores = {}
-    for fusion in fusions:
-        est = FusionClassifier(labels=LABELS, fusion=fusion, epochs=epochs, seed=SEED).fit(
-            subset(X, fit_idx), y[fit_idx], validation=(subset(X, val_idx), y[val_idx])
-        )
-        val_scores[fusion] = evaluate(y[val_idx], est.predict_proba(subset(X, val_idx)), LABELS)["macro_f1"]
-        results[f"fusion: {fusion}"] = evaluate_by_modality(est.predict_proba, subset(X, test), y[test], LABELS)
-        print(f"  {fusion}: validation macro-F1 {val_scores[fusion]:.3f}, T={est.temperature_:.2f} "
-              f"({time.time() - t0:.0f}s)", flush=True)
-    chosen = max(val_scores, key=val_scores.get)
-    headline_name = f"fusion: {chosen}"
 
-    # Decided before looking at the test split: the headline model is the cross-fitted
-    # ensemble of the chosen option (one member per fold of the training side, each
-    # early-stopped and calibrated on its own held-out fold, whole speakers per fold), so
-    # all training records are used and the members' errors average out.
-    if args.folds > 1:
-        members = []
-        oof = np.zeros((len(y), len(LABELS)))  # out-of-fold ensemble probabilities on the training side
-        for k, held in enumerate(grouped_folds(y[train_side], speakers[train_side], args.folds, SEED)):
-            held_idx = train_side[held]
-            keep_idx = np.setdiff1d(train_side, held_idx)
-            fold_members = []
-            for s in range(args.seeds):
-                fold_members.append(FusionClassifier(labels=LABELS, fusion=chosen, epochs=epochs, seed=SEED + k + 100 * s).fit(
-                    subset(X, keep_idx), y[keep_idx], validation=(subset(X, held_idx), y[held_idx])
-                ))
-                print(f"  fold {k} seed {s}: {chosen} member trained ({time.time() - t0:.0f}s)", flush=True)
-            oof[held_idx] = _ensemble(fold_members)(subset(X, held_idx))
-            members += fold_members
-        # Averaging calibrated members changes the sharpness, so the ensemble gets its own
-        # temperature, fitted on the out-of-fold predictions (never on the test split).
-        ensemble_t = fit_temperature(np.log(np.clip(oof[train_side], 1e-12, 1.0)),
-                                     np.array([LABELS.index(v) for v in y[train_side]]))
-        print(f"  ensemble temperature {ensemble_t:.2f} (out-of-fold)", flush=True)
-        headline_name = f"fusion: {chosen} x{len(members)} (folds x seeds)"
-        results[headline_name] = evaluate_by_modality(_ensemble(members, ensemble_t), subset(X, test), y[test], LABELS)
+def train_system(system: str, X: dict, y: np.ndarray, speakers: np.ndarray, train: np.ndarray, quick: bool):
+    """One fitted system's ``predict_proba``; the product is exactly what ``affectloop retrain`` trains."""
+    from model.training import DEFAULT_CONFIG, train_model
 
+    if system == "baseline":
+        return fit_baseline(X, y, speakers, train).predict_proba
+    config = DEFAULT_CONFIG if system == "product" else DEFAULT_CONFIG.with_overrides(architecture="seed")
+    if quick:
+        config = config.with_overrides(epochs=3, seed_epochs=3, n_members=2)
+    # Speakers keep whole actors on one side of every internal validation split.
+    return train_model(subset(X, train), y[train], groups=speakers[train], config=config, labels=LABELS,
+                       seed=SEED).predict_proba
+
+
+def summarise(per_fold: list[dict[str, dict]]) -> dict[str, tuple[float, float]]:
+    out = {}
+    for key in HEADLINE:
+        values = [views[key]["macro_f1"] for views in per_fold if key in views]
+        out[key] = (float(np.mean(values)), float(np.std(values)))
+    eces = [views["fused"]["ece"] for views in per_fold]
+    out["ece"] = (float(np.mean(eces)), float(np.std(eces)))
+    return out
+
+
+def print_loao_table(results: dict[str, dict[str, tuple[float, float]]]) -> None:
+    cols = list(HEADLINE) + ["ece"]
+    print(f"{'system':<48}" + "".join(f"{c:>22}" for c in cols))
+    for name, row in results.items():
+        print(f"{SYSTEMS[name]:<48}" + "".join(f"{row[c][0]:>14.3f} ± {row[c][1]:.3f}" for c in cols))
+    print("(macro-F1, mean ± std over the leave-one-actor-out folds; image/text/audio: records with that "
+          "modality, the others masked; ece on all records fused)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--quick", action="store_true", help="few epochs, two folds (smoke run)")
+    parser.add_argument("--systems", default="baseline,seed,product")
+    args = parser.parse_args(argv)
+
+    if not (args.data / "manifest.jsonl").is_file():
+        parser.error(f"no realmix data at {args.data} (expected manifest.jsonl); pass --data")
+    t0 = time.time()
+    spec = FeatureSpec()
+    rows = load_manifest(args.data)
+    table = cached_features(rows, args.data, args.out, spec)
+    X = arrays_from_features(table)
+    y = np.array([r["label"] for r in rows])
+    X[RAW_TEXT] = np.array([r.get("text") or "" for r in rows], dtype=object)  # rides along; the networks ignore it
+    speakers = np.array([r.get("speaker") for r in rows], dtype=object)
+    print(f"{len(rows)} records, features in {time.time() - t0:.0f}s", flush=True)
+
+    folds = leave_one_group_out(y, speakers, SEED)
+    if args.quick:
+        folds = folds[:2]
+    systems = args.systems.split(",")
+    per_fold: dict[str, list[dict]] = {s: [] for s in systems}
+    for k, (train, test) in enumerate(folds):
+        _check_speaker_independent(speakers, [train, test])
+        actor = sorted(set(speakers[test]) - {None})
+        print(f"fold {k}: test actor {actor}, {len(test)} test records "
+              f"({int(presence(subset(X, test)).all(axis=1).sum())} trimodal), {len(train)} training", flush=True)
+        for system in systems:
+            predict = train_system(system, X, y, speakers, train, args.quick)
+            views = evaluate_by_modality(predict, subset(X, test), y[test], LABELS)
+            per_fold[system].append(views)
+            print(f"  {system:<9} fused {views['fused']['macro_f1']:.3f} trimodal {views['trimodal']['macro_f1']:.3f} "
+                  f"ece {views['fused']['ece']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+
+    results = {s: summarise(v) for s, v in per_fold.items()}
     print()
-    print_table(results)
-    ours = results[headline_name]
-    base = results["baseline (LR late fusion)"]
-    print(f"\nchosen on validation: {chosen} ({', '.join(f'{k} {v:.3f}' for k, v in val_scores.items())}); "
-          f"headline: {headline_name}; per-class (fused, test):")
-    for label, row in ours["fused"]["per_class"].items():
-        if label in LABELS:
-            print(f"  {label:<10} precision {row['precision']:.2f} recall {row['recall']:.2f} f1 {row['f1-score']:.2f}")
-    reports = args.out / "realmix"
-    png = plot_confusion_matrix(np.array(ours["fused"]["confusion"]), LABELS, reports / "confusion_fused.png")
-    atomic_write_json(reports / "metrics.json", {"results": results, "validation_macro_f1": val_scores,
-                                                 "baseline_C": best_c, "chosen": chosen, "headline": headline_name})
-    print(f"confusion matrix: {png}; all metrics: {reports / 'metrics.json'}; total {time.time() - t0:.0f}s")
+    print_loao_table(results)
+    if "product" in results and "baseline" in results:
+        prod, base = results["product"], results["baseline"]
+        targets = {
+            "fused >= baseline + 0.12": prod["fused"][0] >= base["fused"][0] + 0.12,
+            "trimodal >= 0.65": prod["trimodal"][0] >= 0.65,
+            "trimodal >= best single on trimodal + 0.10": prod["trimodal"][0] >= prod["best_single_trimodal"][0] + 0.10,
+            "ece <= 0.05": prod["ece"][0] <= 0.05,
+        }
+        for name, ok in targets.items():
+            print(f"target {name}: {'met' if ok else 'MISSED'}")
+
+    def means(system: str) -> dict[str, float]:
+        return {k: round(v[0], 4) for k, v in results[system].items() if k != "ece"} if system in results else {}
+
     summary = {
-        "macro_f1": headline(ours),
-        "baseline_macro_f1": headline(base),
-        "ece": round(float(ours["fused"]["ece"]), 4),
-        "fusion": chosen,
+        "macro_f1": means("product"),
+        "baseline_macro_f1": means("baseline"),
+        "seed_macro_f1": means("seed"),
+        "ece": round(results["product"]["ece"][0], 4) if "product" in results else None,
+        "spread": {s: {k: round(v[1], 4) for k, v in r.items()} for s, r in results.items()},
+        "folds": len(folds),
     }
     print(json.dumps(summary))
     return summary
-
-
-def _ensemble(members, temperature: float = 1.0):
-    """Average the calibrated probabilities of several fitted models, then apply ``temperature``."""
-    def predict(X: dict) -> np.ndarray:
-        mean = np.mean([m.predict_proba(X) for m in members], axis=0)
-        return softmax(np.log(np.clip(mean, 1e-12, 1.0)) / temperature)
-    return predict
 
 
 def _check_speaker_independent(speakers: np.ndarray, parts: list[np.ndarray]) -> None:

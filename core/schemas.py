@@ -146,6 +146,15 @@ class FeatureSpec:
         )
     )
 
+    # The default feature extractors (``tasks.preprocess``): name+version and output width.
+    # Their names are part of the cache namespace, so changing one recomputes the features.
+    image_extractor: str = "hoglbp1"
+    text_extractor: str = "e5q4vader1"
+    audio_extractor: str = "mfccfun1"
+    n_image_features: int = 3032
+    n_text_features: int = 393
+    n_audio_features: int = 261
+
     @property
     def n_frames(self) -> int:
         return int(round(self.clip_seconds / self.hop_seconds))
@@ -186,5 +195,9 @@ def features_schema(spec: FeatureSpec = FeatureSpec()) -> pa.Schema:
         # audio: log-mel frames (n_frames x n_mels, row-major) and utterance-level prosody
         pa.field("logmel", pa.list_(pa.float32(), spec.n_frames * spec.n_mels)),
         pa.field("prosody", pa.list_(pa.float32(), spec.n_prosody)),
+        # extracted feature vectors (the default model's inputs), one per modality present
+        pa.field("image_features", pa.list_(pa.float32(), spec.n_image_features)),
+        pa.field("text_features", pa.list_(pa.float32(), spec.n_text_features)),
+        pa.field("audio_features", pa.list_(pa.float32(), spec.n_audio_features)),
     ]
     return pa.schema(fields, metadata=spec.to_metadata())

@@ -28,7 +28,7 @@ from tasks.select import stopping_signal_task
 
 @flow(name="affectloop-loop", log_prints=True)
 def loop(source: str | None = None, data_root: str | None = None, rounds: int = 2, demo: bool = False,
-         annotators: int = 1, error_rate: float = 0.1, epochs: int = 30, fusion: str = "concat",
+         annotators: int = 1, error_rate: float = 0.1, epochs: int | None = None, fusion: str | None = None,
          annotation_budget: int | None = None) -> dict[str, Any]:
     """Run the whole labeling loop ``rounds`` times."""
     settings = get_settings(source=source, data_root=data_root, annotation_budget=annotation_budget)

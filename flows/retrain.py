@@ -13,7 +13,7 @@ from tasks.training import retrain_task
 
 
 @flow(name="retrain", log_prints=True)
-def retrain_flow(data_root: str | None = None, fusion: str = "concat", epochs: int = 30,
+def retrain_flow(data_root: str | None = None, fusion: str | None = None, epochs: int | None = None,
                  min_new_labels: int = 0, promotion_margin: float | None = None) -> dict:
     """Retrain when at least ``min_new_labels`` labels arrived since the last retrain."""
     settings = get_settings(data_root=data_root, promotion_margin=promotion_margin)

@@ -21,6 +21,8 @@ MODALITY_INPUTS: dict[str, tuple[str, ...]] = {
     "text": ("tokens",),
     "audio": ("logmel", "prosody"),
 }
+# Every named input of a modality, for masking (the seed's arrays and the feature vector).
+ALL_MODALITY_INPUTS: dict[str, tuple[str, ...]] = {m: (*MODALITY_INPUTS[m], f"{m}_features") for m in MODALITY_INPUTS}
 PAD_TOKEN = ""  # tokens are padded with the empty string; the model's StringLookup masks it
 
 
@@ -32,6 +34,11 @@ def presence_key(modality: str) -> str:
 INPUT_NAMES: tuple[str, ...] = tuple(
     name for modality in MODALITIES for name in MODALITY_INPUTS[modality]
 ) + tuple(presence_key(m) for m in MODALITIES)
+
+# The default model's inputs: one extracted feature vector per modality (tasks.preprocess's
+# face_descriptor, text_features, audio_functionals) plus the presence masks.
+FEATURE_INPUTS: dict[str, str] = {m: f"{m}_features" for m in MODALITIES}
+FEATURE_INPUT_NAMES: tuple[str, ...] = tuple(FEATURE_INPUTS.values()) + tuple(presence_key(m) for m in MODALITIES)
 
 
 def _fixed_list_to_array(column: pa.ChunkedArray | pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,15 +97,28 @@ def arrays_from_features(table: pa.Table, spec: FeatureSpec | None = None) -> di
     logmel, logmel_ok = _fixed_list_to_array(table.column("logmel"), spec.n_frames * spec.n_mels)
     prosody, prosody_ok = _fixed_list_to_array(table.column("prosody"), spec.n_prosody)
 
-    image_present = flag("has_image") & image_ok
-    text_present = flag("has_text") & text_ok
-    audio_present = flag("has_audio") & logmel_ok & prosody_ok
+    vectors: dict[str, np.ndarray] = {}
+    vector_ok: dict[str, np.ndarray] = {}
+    widths = {"image": spec.n_image_features, "text": spec.n_text_features, "audio": spec.n_audio_features}
+    for modality, name in FEATURE_INPUTS.items():
+        if name in table.column_names and table.column(name).null_count < n:
+            vectors[name], vector_ok[modality] = _fixed_list_to_array(table.column(name), widths[modality])
+        else:  # features from before the extractors (or none extracted): the seed's inputs only
+            vectors[name], vector_ok[modality] = np.zeros((n, widths[modality]), np.float32), np.ones(n, bool)
+
+    # A modality is present only when every array it feeds (seed inputs and feature vector) is there.
+    image_present = flag("has_image") & image_ok & vector_ok["image"]
+    text_present = flag("has_text") & text_ok & vector_ok["text"]
+    audio_present = flag("has_audio") & logmel_ok & prosody_ok & vector_ok["audio"]
     # Zero the arrays of absent modalities so a half-filled record cannot leak into the model.
     image[~image_present] = 0.0
     tokens[~text_present] = PAD_TOKEN
     logmel[~audio_present] = 0.0
     prosody[~audio_present] = 0.0
+    for modality, present in (("image", image_present), ("text", text_present), ("audio", audio_present)):
+        vectors[FEATURE_INPUTS[modality]][~present] = 0.0
     return {
+        **vectors,
         "image": image.reshape(n, size, size, 1),
         "tokens": tokens,
         "logmel": logmel.reshape(n, spec.n_frames, spec.n_mels),
@@ -133,8 +153,9 @@ def mask_modalities(X: dict[str, np.ndarray], keep: Iterable[str]) -> dict[str, 
         if modality in keep:
             continue
         out[presence_key(modality)][:] = 0.0
-        for name in MODALITY_INPUTS[modality]:
-            out[name][:] = PAD_TOKEN if out[name].dtype == object else 0
+        for name in ALL_MODALITY_INPUTS[modality]:
+            if name in out:
+                out[name][:] = PAD_TOKEN if out[name].dtype == object else 0
     return out
 
 

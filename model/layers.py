@@ -290,6 +290,30 @@ class GatedFusion(_Fusion):
         return input_shapes[0]
 
 
+@keras.saving.register_keras_serializable(package="affectloop")
+class LateFusion(keras.layers.Layer):
+    """Late fusion of per-modality logits: ``sum_m mask_m * logits_m / T_m`` (a product of experts).
+
+    ``T_m`` (``temperatures``, non-trainable, 1 while training) is each modality's own
+    calibration temperature, fitted on validation records after training, so the evidence
+    of each modality enters the sum calibrated. For modalities that are independent given
+    the label (and balanced classes) the calibrated sum is the Bayes-optimal combination.
+    Inputs: ``[logits_1, …, logits_M, masks (N, M)]``.
+    """
+
+    def build(self, input_shapes):
+        self.n_modalities = len(input_shapes) - 1
+        self.temperatures = self.add_weight(name="temperatures", shape=(self.n_modalities,), initializer="ones",
+                                            trainable=False)
+
+    def call(self, inputs):
+        *logits, masks = inputs
+        return sum(masks[:, i:i + 1] * z / self.temperatures[i] for i, z in enumerate(logits))
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[0]
+
+
 FUSION_LAYERS: dict[str, type[_Fusion]] = {
     "concat": ConcatFusion,
     "weighted": WeightedSumFusion,

@@ -90,7 +90,7 @@ class ModelRegistry:
         Raises ModelLoadError naming the file when it is missing, fails its checksum, or
         does not load.
         """
-        from model.estimator import FusionClassifier  # keras is heavy: import on first load only
+        from model.feature_model import load_estimator  # keras is heavy: import on first load only
 
         path = self.path(version) / MODEL_FILE
         if not path.is_file():
@@ -99,7 +99,7 @@ class ModelRegistry:
         if expected and _sha256(path) != expected:
             raise ModelLoadError(f"model file {path} is damaged: its sha256 does not match the model card")
         try:
-            return FusionClassifier.load(path)
+            return load_estimator(path)
         except Exception as exc:  # Keras raises many types for a bad archive; all mean the same here
             raise ModelLoadError(f"model file {path} cannot be loaded: {type(exc).__name__}: {exc}") from exc
 

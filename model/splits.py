@@ -96,3 +96,35 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray | None = None, n_folds: int 
         for k, (_, held) in enumerate(splitter.split(np.zeros(len(rest)), y[rest])):
             folds[k].append(rest[held])
     return [np.sort(np.concatenate(parts)).astype(int) if parts else np.arange(0) for parts in folds]
+
+
+def leave_one_group_out(y: np.ndarray, groups: np.ndarray, seed: int = 13) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Speaker-independent folds that use every group: one (train, test) pair per group.
+
+    Fold k's test side holds all records of group k plus the k-th of ``n_groups``
+    stratified shares of the records without a group (so every record is tested exactly
+    once and each test side has its fair share of the ungrouped records); the train side
+    is everything else. Returns sorted integer positions.
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    y = np.asarray(y)
+    groups = np.asarray(groups, dtype=object)
+    grouped = _has_group(groups)
+    names = sorted({str(g) for g in groups[grouped]})
+    if len(names) < 2:
+        raise ValueError(f"leave-one-group-out needs at least two groups, got {names}")
+    rest = np.flatnonzero(~grouped)
+    shares: list[np.ndarray] = [np.arange(0)] * len(names)
+    if len(rest) >= len(names):
+        _, counts = np.unique(y[rest], return_counts=True)
+        splitter = (StratifiedKFold if counts.min() >= len(names) else KFold)(len(names), shuffle=True,
+                                                                               random_state=seed)
+        shares = [rest[held] for _, held in splitter.split(np.zeros(len(rest)), y[rest])]
+    out = []
+    str_groups = np.array([str(g) for g in groups])
+    for name, share in zip(names, shares):
+        test = np.sort(np.concatenate([np.flatnonzero(grouped & (str_groups == name)), share])).astype(int)
+        train = np.setdiff1d(np.arange(len(y)), test)
+        out.append((train, test))
+    return out

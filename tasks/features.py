@@ -29,7 +29,13 @@ logmel             fixed_size_list<float32>[F*M]              log-mel, F = n_fra
                                                               (frame-major); null without audio
 prosody            fixed_size_list<float32>[P]                ``spec.prosody_names`` in order;
                                                               null without audio
+image_features     fixed_size_list<float32>[n_image_features] ``face_descriptor`` of the face
+text_features      fixed_size_list<float32>[n_text_features]  ``text_features`` of the raw text
+audio_features     fixed_size_list<float32>[n_audio_features] ``audio_functionals`` of the clip
 =================  =========================================  ==================================
+
+The extractors' names and versions (``spec.image_extractor`` …) are in the FeatureSpec, so
+they are part of the cache namespace: changing an extractor recomputes the features.
 
 Cache design. Features are keyed by content (content_hash, the namespace) and looked up per
 record: ``features/<PREP_VERSION>-<options digest>/`` is one cache *namespace* (the digest
@@ -69,10 +75,20 @@ from tasks.feature_store import FeatureStore
 from tasks.ingest import content_hash
 from tasks.retry import IO_RETRY
 from tasks.media import MediaError, resolve_media_path
-from tasks.preprocess import PREP_VERSION, STOP_WORDS
+from tasks.preprocess import (
+    AUDIO_FUNCTIONALS_VERSION,
+    FACE_DESCRIPTOR_VERSION,
+    PREP_VERSION,
+    STOP_WORDS,
+    TEXT_FEATURES_VERSION,
+)
 from tasks.preprocess.audio import preprocess_audio
-from tasks.preprocess.image import preprocess_image
-from tasks.preprocess.text import KEEP_WORDS, preprocess_text
+from tasks.preprocess.image import face_descriptor, preprocess_image
+from tasks.preprocess.text import KEEP_WORDS, preprocess_text, text_features
+
+# The extractors' code versions, in every cache namespace: a new version of one recomputes.
+EXTRACTOR_VERSIONS = {"image": FACE_DESCRIPTOR_VERSION, "text": TEXT_FEATURES_VERSION,
+                      "audio": AUDIO_FUNCTIONALS_VERSION}
 
 STAGE = "preprocess"
 REJECT_REASON = "preprocess_error"
@@ -163,7 +179,7 @@ def effective_stop_words(stop_words: bool | Iterable[str]) -> frozenset[str]:
 
 def prep_options(spec: FeatureSpec, stop_words: bool | Iterable[str]) -> dict[str, Any]:
     """Everything besides the code (PREP_VERSION) that changes the features."""
-    return {"prep_version": PREP_VERSION, "spec": asdict(spec),
+    return {"prep_version": PREP_VERSION, "spec": asdict(spec), "extractors": EXTRACTOR_VERSIONS,
             "stop_words": sorted(effective_stop_words(stop_words))}
 
 
@@ -203,15 +219,28 @@ def featurize_record(row: dict[str, Any], media: dict[str, bytes | None], spec: 
     text = row["text"] if row["has_text"] else None
     if content_hash(text, media["image"], media["audio"]) != row["content_hash"]:
         raise ContentChanged("content changed since ingest (content_hash mismatch); rerun the build")
-    out: dict[str, Any] = {"image": None, "face_detector": None, "tokens": None, "logmel": None, "prosody": None}
-    if media["image"] is not None:
-        image = preprocess_image(media["image"], size=spec.image_size)
+    return featurize(text, media["image"], media["audio"], spec, stop_words)
+
+
+EMPTY_FEATURES = ("image", "face_detector", "tokens", "logmel", "prosody",
+                  "image_features", "text_features", "audio_features")
+
+
+def featurize(text: str | None, image_bytes: bytes | None, audio_bytes: bytes | None, spec: FeatureSpec,
+              stop_words: bool | frozenset[str] = True) -> dict[str, Any]:
+    """Every feature of one record's modalities (None where a modality is absent). Raises on bad media."""
+    out: dict[str, Any] = dict.fromkeys(EMPTY_FEATURES)
+    if image_bytes is not None:
+        image = preprocess_image(image_bytes, size=spec.image_size)
         out["image"], out["face_detector"] = image.pixels.reshape(-1), image.face_detector
+        out["image_features"] = face_descriptor(image.pixels)
     if text is not None:
         out["tokens"] = preprocess_text(text, spec.max_tokens, stop_words)
-    if media["audio"] is not None:
-        audio = preprocess_audio(media["audio"], spec)
+        out["text_features"] = text_features(text)
+    if audio_bytes is not None:
+        audio = preprocess_audio(audio_bytes, spec)
         out["logmel"], out["prosody"] = audio.logmel.reshape(-1), audio.prosody
+        out["audio_features"] = audio.functionals
     return out
 
 
@@ -243,6 +272,9 @@ def features_table(rows: list[dict[str, Any]], features: list[dict[str, Any]], s
         "tokens": pa.array([f["tokens"] for f in features], pa.list_(pa.string())),
         "logmel": _fixed_list([f["logmel"] for f in features], spec.n_frames * spec.n_mels),
         "prosody": _fixed_list([f["prosody"] for f in features], spec.n_prosody),
+        "image_features": _fixed_list([f.get("image_features") for f in features], spec.n_image_features),
+        "text_features": _fixed_list([f.get("text_features") for f in features], spec.n_text_features),
+        "audio_features": _fixed_list([f.get("audio_features") for f in features], spec.n_audio_features),
     }
     table = pa.table([columns[name].cast(schema.field(name).type) for name in schema.names],
                      schema=schema.remove_metadata())

@@ -122,14 +122,28 @@ class RetrainResult:
     confusion_png: Path | None = None
     learning_curve_png: Path | None = None
 
+    def markdown(self) -> str:
+        """Candidate vs production on the same holdout, as a markdown table."""
+        def fmt(value) -> str:  # noqa: ANN001
+            return f"{value:.3f}" if isinstance(value, (int, float)) else "—"
 
-def retrain(layout: DataLayout, labels: Sequence[str], fusion: str = "concat", epochs: int = 30,
+        rows = ["| metric | candidate | production |", "|---|---:|---:|"]
+        for key in _METRIC_KEYS:
+            rows.append(f"| {key} | {fmt(self.metrics.get(key))} | {fmt((self.production_metrics or {}).get(key))} |")
+        verdict = "promoted" if self.promoted else "not promoted"
+        head = (f"## Retrain: {self.version} {verdict}\n\n{self.reason}\n\n"
+                f"Trained on {self.n_train} labels, evaluated on {self.n_holdout} frozen-holdout labels; "
+                f"production was `{self.production_version}`.\n\n")
+        return head + "\n".join(rows) + "\n"
+
+
+def retrain(layout: DataLayout, labels: Sequence[str], fusion: str | None = None, epochs: int | None = None,
             margin: float = 0.0, holdout_fraction: float = 0.2, min_train: int = 20, seed: int = 13,
             promote: bool = True) -> RetrainResult:
     """Fit a candidate on the non-holdout labels, evaluate against production on the holdout,
     register it, and promote it when macro-F1 is not worse than production's minus ``margin``."""
-    from model.estimator import FusionClassifier
     from model.inputs import arrays_from_features
+    from model.training import DEFAULT_CONFIG, train_model
     from model.metrics import evaluate, plot_confusion_matrix, plot_learning_curve
     from model.registry import ModelRegistry
 
@@ -146,9 +160,9 @@ def retrain(layout: DataLayout, labels: Sequence[str], fusion: str = "concat", e
                              train_table.num_rows, hold_table.num_rows)
     y_train = np.asarray(train_table.column("label").to_pylist(), dtype=object)
     y_hold = np.asarray(hold_table.column("label").to_pylist(), dtype=object)
-    params = {"fusion": fusion, "epochs": epochs, "seed": seed, "labels": list(labels)}
-    candidate = FusionClassifier(labels=tuple(labels), fusion=fusion, epochs=epochs, seed=seed)
-    candidate.fit(arrays_from_features(train_table), y_train)
+    config = DEFAULT_CONFIG.with_overrides(fusion=fusion, epochs=epochs)  # None: the product default
+    params = {**config.to_dict(), "seed": seed, "labels": list(labels)}
+    candidate = train_model(arrays_from_features(train_table), y_train, config=config, labels=labels, seed=seed)
     X_hold = arrays_from_features(hold_table)
     metrics = evaluate(y_hold, candidate.predict_proba(X_hold), list(labels))
 
@@ -168,21 +182,6 @@ def retrain(layout: DataLayout, labels: Sequence[str], fusion: str = "concat", e
         registry.promote(version)
     return RetrainResult(version, bool(ok and promote), reason, train_table.num_rows, hold_table.num_rows, metrics,
                          production, production_metrics, confusion_png, curve_png)
-
-
-    def markdown(self) -> str:
-        """Candidate vs production on the same holdout, as a markdown table."""
-        def fmt(value) -> str:  # noqa: ANN001
-            return f"{value:.3f}" if isinstance(value, (int, float)) else "—"
-
-        rows = ["| metric | candidate | production |", "|---|---:|---:|"]
-        for key in _METRIC_KEYS:
-            rows.append(f"| {key} | {fmt(self.metrics.get(key))} | {fmt((self.production_metrics or {}).get(key))} |")
-        verdict = "promoted" if self.promoted else "not promoted"
-        head = (f"## Retrain: {self.version} {verdict}\n\n{self.reason}\n\n"
-                f"Trained on {self.n_train} labels, evaluated on {self.n_holdout} frozen-holdout labels; "
-                f"production was `{self.production_version}`.\n\n")
-        return head + "\n".join(rows) + "\n"
 
 
 @dataclass(frozen=True)
@@ -211,8 +210,8 @@ def record_retrain(layout: DataLayout, n_labels: int, version: str) -> None:
                                              "at": datetime.now(timezone.utc).isoformat()})
 
 
-def retrain_and_report(layout: DataLayout, labels: Sequence[str], min_new_labels: int = 0, fusion: str = "concat",
-                       epochs: int = 30, margin: float = 0.0, seed: int = 13) -> tuple[RetrainGate, RetrainResult | None]:
+def retrain_and_report(layout: DataLayout, labels: Sequence[str], min_new_labels: int = 0, fusion: str | None = None,
+                       epochs: int | None = None, margin: float = 0.0, seed: int = 13) -> tuple[RetrainGate, RetrainResult | None]:
     """The retrain unit a flow runs: gate, train + evaluate + register + promote, remember, and
     publish the candidate-vs-production table as a Prefect artifact."""
     gate = retrain_gate(layout, min_new_labels)

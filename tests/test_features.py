@@ -219,7 +219,12 @@ def test_real_records_from_realmix(realmix_dir, tmp_path):
     assert len(audio) == 12 and ((f0_mean > 80) & (f0_mean < 400)).all()
     assert np.isfinite(F.array_column(audio, "logmel", (SPEC.n_frames, SPEC.n_mels))).all()
     detectors = table.filter(table["has_image"])["face_detector"].to_pylist()
-    assert "haar" in detectors  # FER2013 crops: the cascade finds some, the rest are centred already
+    # FER2013 faces are 48 px crops already: never re-detected, so every face keeps its framing.
+    assert set(detectors) == {"as_given"}
+    for name, width in (("image_features", SPEC.n_image_features), ("text_features", SPEC.n_text_features),
+                        ("audio_features", SPEC.n_audio_features)):
+        values = F.array_column(table.filter(table[f"has_{name.split('_')[0]}"]), name, (width,))
+        assert np.isfinite(values).all() and np.abs(values).sum(axis=1).min() > 0
 
 
 # ---------------------------------------------------------------------------------- record-level cache

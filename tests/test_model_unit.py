@@ -46,6 +46,7 @@ def synthetic_table(n: int = 42, seed: int = 0, spec: FeatureSpec = SPEC,
                     modalities: str = "mixed") -> tuple[pa.Table, np.ndarray]:
     """A features table (contract schema) with a class signal in each modality; some nulls."""
     rng = np.random.default_rng(seed)
+    vec_rng = np.random.default_rng([seed, 99])
     rows, labels = [], []
     for i in range(n):
         k = i % len(LABELS)
@@ -66,8 +67,19 @@ def synthetic_table(n: int = 42, seed: int = 0, spec: FeatureSpec = SPEC,
             "image": None if image is None else image.tolist(), "face_detector": None, "tokens": tokens,
             "logmel": None if logmel is None else logmel.tolist(),
             "prosody": None if prosody is None else prosody.tolist(),
+            # Own random stream: the seed model's arrays stay exactly what they were.
+            "image_features": _vector(vec_rng, spec.n_image_features, k) if has[0] else None,
+            "text_features": _vector(vec_rng, spec.n_text_features, k) if has[1] else None,
+            "audio_features": _vector(vec_rng, spec.n_audio_features, k) if has[2] else None,
         })
     return pa.Table.from_pylist(rows, schema=features_schema(spec)), np.array(labels)
+
+
+def _vector(rng: np.random.Generator, width: int, k: int) -> list[float]:
+    """A feature vector whose first dimensions carry the class (one-hot-ish) under noise."""
+    v = rng.normal(size=width).astype(np.float32)
+    v[k] += 3.0
+    return v.tolist()
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,27 @@ def test_noise_image_falls_back_to_the_centre_crop():
     np.testing.assert_allclose(result.pixels, expected, atol=1e-5)
 
 
+def test_a_face_that_is_already_a_crop_is_not_cropped_again():
+    """Small near-square images (FER-style 48 px, thumbnails) are used whole, whatever Haar would find."""
+    face = drawn_face(96)
+    result = I.preprocess_image(encode(face), size=48)
+    assert result.face_detector == I.FACE_DETECTOR_NONE
+    expected = I.standardize(cv2.resize(face, (48, 48), interpolation=cv2.INTER_AREA))
+    np.testing.assert_allclose(result.pixels, expected, atol=1e-5)
+    assert I.is_face_crop((48, 48)) and I.is_face_crop((128, 110))
+    assert not I.is_face_crop((129, 129)) and not I.is_face_crop((60, 100)) and not I.is_face_crop((480, 640))
+
+
+def test_face_descriptor_shape_and_contrast_invariance():
+    rng = np.random.default_rng(5)
+    pixels = I.standardize(rng.integers(0, 255, (48, 48)).astype(np.float32))
+    d = I.face_descriptor(pixels)
+    assert d.shape == (I.face_descriptor_size(),) == (FeatureSpec().n_image_features,) and d.dtype == np.float32
+    assert np.isfinite(d).all()
+    # A descriptor of a face at another working size comes out the same width.
+    assert I.face_descriptor(I.standardize(rng.integers(0, 255, (32, 32)).astype(np.float32))).shape == d.shape
+
+
 def test_image_batch_shapes():
     rng = np.random.default_rng(3)
     batch = [encode(rng.integers(0, 255, (30 + i, 40, 3), dtype=np.uint8)) for i in range(3)]
@@ -275,3 +296,28 @@ def test_audio_batch_shapes():
     batch = [wav_bytes(tone(200 + 20 * i, 22_050, 0.5 + i), 22_050) for i in range(3)]
     logmel, prosody = A.preprocess_audios(batch, SPEC)
     assert logmel.shape == (3, SPEC.n_frames, SPEC.n_mels) and prosody.shape == (3, SPEC.n_prosody)
+
+
+# ------------------------------------------------------------------------- extracted features
+
+def test_text_features_embed_meaning_and_cues():
+    a, b, c = (T.text_features(t) for t in ("I am so happy, this is wonderful!", "I'm really glad, how lovely!",
+                                            "This is horrible, I hate it."))
+    assert a.shape == (T.text_features_size(),) == (FeatureSpec().n_text_features,) and a.dtype == np.float32
+    e = slice(0, T.E5_DIM)
+    assert abs(np.linalg.norm(a[e]) - 1) < 1e-3  # e5 vectors are L2-normalised
+    assert a[e] @ b[e] > a[e] @ c[e]  # joy is nearer joy than disgust
+    assert a[T.E5_DIM + 3] > 0 > c[T.E5_DIM + 3]  # VADER compound
+    np.testing.assert_array_equal(T.text_features("caf\u00e9"), T.text_features("cafÃ©"))  # mojibake repaired
+
+
+def test_audio_functionals_are_finite_and_sized():
+    spec = FeatureSpec()
+    rate = 16_000
+    t = np.arange(int(1.5 * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+    feats = A.preprocess_signal(tone, rate, spec)
+    assert feats.functionals.shape == (A.functionals_size(spec),) == (spec.n_audio_features,)
+    assert np.isfinite(feats.functionals).all()
+    silent = A.preprocess_signal(np.zeros(rate, np.float32), rate, spec)
+    assert np.isfinite(silent.functionals).all()

@@ -5,11 +5,36 @@ part of the feature cache key: bump the matching part (``img``, ``txt``, ``aud``
 change to these modules changes their output, and every cached feature is recomputed.
 """
 
-from tasks.preprocess.audio import AudioFeatures, preprocess_audio, preprocess_audios, preprocess_signal
-from tasks.preprocess.image import ImageFeatures, preprocess_gray, preprocess_image, preprocess_images
-from tasks.preprocess.text import STOP_WORDS, preprocess_text, preprocess_texts
+from tasks.preprocess.audio import (
+    AUDIO_FUNCTIONALS_VERSION,
+    AudioFeatures,
+    audio_functionals,
+    functionals_size,
+    preprocess_audio,
+    preprocess_audios,
+    preprocess_signal,
+)
+from tasks.preprocess.image import (
+    FACE_DESCRIPTOR_VERSION,
+    ImageFeatures,
+    face_descriptor,
+    face_descriptor_size,
+    preprocess_gray,
+    preprocess_image,
+    preprocess_images,
+)
+from tasks.preprocess.text import (
+    STOP_WORDS,
+    TEXT_FEATURES_VERSION,
+    preprocess_text,
+    preprocess_texts,
+    text_features,
+    text_features_size,
+)
 
-PREP_VERSION = "img1-txt1-aud1"
+# img2: a face that is already a crop is not re-detected ("as_given"); the extractors'
+# versions live in the FeatureSpec (image/text/audio_extractor) and so in the cache key too.
+PREP_VERSION = "img2-txt1-aud2"
 
 __all__ = [
     "PREP_VERSION", "STOP_WORDS",
@@ -17,4 +42,7 @@ __all__ = [
     "preprocess_audio", "preprocess_audios", "preprocess_signal",
     "preprocess_gray", "preprocess_image", "preprocess_images",
     "preprocess_text", "preprocess_texts",
+    "AUDIO_FUNCTIONALS_VERSION", "FACE_DESCRIPTOR_VERSION", "TEXT_FEATURES_VERSION",
+    "audio_functionals", "face_descriptor", "text_features",
+    "functionals_size", "face_descriptor_size", "text_features_size",
 ]

