@@ -11,6 +11,9 @@ ingest (split + validate, timed for information), it measures the feature stage:
 (c) ``flow_2w``: the same with 2 workers;
 (d) ``warm``: (c) again on its own, now warm, feature cache.
 
+(a) and (c) are repeated ``--repeats`` times (default 5), alternated a, c, a, c, ...; the
+2-worker speedup is the median of the per-pair ratios, with its interquartile range.
+
 Each runs in its own process, timed from the call (imports excluded; the flow times include
 starting the LocalCluster and the Prefect task runs), with that process's peak RSS
 (``getrusage``: the flow process only, Dask workers are separate processes). Memory growth:
@@ -29,6 +32,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import core.quiet  # noqa: E402,F401
+from core.quiet import apply as quiet_logs  # noqa: E402
+
+quiet_logs()
 
 PHASES = ("ingest", "loop", "flow", "build")
 
@@ -183,9 +189,13 @@ def drive(args: argparse.Namespace) -> None:
     n_audio = sum(1 for _ in (args.source / "audio").iterdir())
     with prefect_api(args.workdir / "prefect-home"):
         ingest = child(args, "ingest")
-        loop = child(args, "loop")
         flow1 = child(args, "flow", "--workers", "1", "--data-name", "flow1", "--fresh")
-        flow2 = child(args, "flow", "--workers", "2", "--data-name", "flow2", "--fresh")
+        # The speedup is judged on paired repetitions, the two sides alternated (loop, flow,
+        # loop, flow, ...), so a change in the machine's load hits both sides of a pair alike.
+        pairs = []
+        for _ in range(args.repeats):
+            pairs.append((child(args, "loop"), child(args, "flow", "--workers", "2", "--data-name", "flow2",
+                                                       "--fresh")))
         warm = child(args, "flow", "--workers", "2", "--data-name", "flow2")
         small_n = max(args.partition_size, n_rows // 5)
         mem_small = child(args, "build", "--workers", "2", "--data-name", "flow2",
@@ -193,6 +203,10 @@ def drive(args: argparse.Namespace) -> None:
         mem_full = child(args, "build", "--workers", "2", "--data-name", "flow2",
                          "--manifest", str(args.source / "manifest.jsonl"))
 
+    ratios = sorted((f["records"] / f["seconds"]) / (lp["records"] / lp["seconds"]) for lp, f in pairs)
+    loop, flow2 = min(pairs, key=lambda pair: abs((pair[1]["records"] / pair[1]["seconds"]) /
+                                                  (pair[0]["records"] / pair[0]["seconds"]) - median(ratios)))
+    loop_seconds = [lp["seconds"] for lp, _ in pairs]
     records = loop["records"]
     rps = {name: r["records"] / r["seconds"] for name, r in (("loop", loop), ("flow_1w", flow1), ("flow_2w", flow2))}
     rows = [
@@ -214,8 +228,14 @@ def drive(args: argparse.Namespace) -> None:
     print("seconds: wall time of the timed call; CPU s: the phase's process and its Dask workers, imports "
           "included; load: 1-min load average of the machine around the phase (2 cores: above 2, other "
           "programs share the CPUs and wall times stretch)")
+    print(f"paired repetitions: {len(pairs)}; 2-worker speedup per pair: {', '.join(f'{r:.2f}' for r in ratios)}; "
+          f"plain loop wall s per repetition: {', '.join(f'{t:.1f}' for t in loop_seconds)} (the rows above are "
+          f"the pair closest to the median)")
     figures = {
-        "speedup_2w": round(rps["flow_2w"] / rps["loop"], 3),
+        "speedup_2w": round(median(ratios), 3),
+        "speedup_2w_iqr": round(iqr(ratios), 3),
+        "speedup_2w_pairs": [round(r, 3) for r in ratios],
+        "loop_seconds_spread": round((max(loop_seconds) - min(loop_seconds)) / median(loop_seconds), 3),
         "speedup_1w": round(rps["flow_1w"] / rps["loop"], 3),
         "warm_rerun_ratio": round(warm["seconds"] / flow2["seconds"], 4),
         "mem_growth_5n": round(mem_full["peak_rss_mb"] / mem_small["peak_rss_mb"], 3),
@@ -232,8 +252,21 @@ def drive(args: argparse.Namespace) -> None:
     print(json.dumps(figures))
 
 
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def iqr(values: list[float]) -> float:
+    """Interquartile range (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return float(q[2] - q[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="paired (loop, 2-worker flow) repetitions")
     parser.add_argument("--n", type=int, default=20_000, help="demo records to generate (default 20000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partition-size", type=int, default=1000)

@@ -13,7 +13,8 @@ one process and alternating the two so that load on the machine hits both alike:
   embedding, compute confidence/entropy/margin, write the scores Parquet atomically —
   with the model already loaded (a Dask worker keeps it cached by version).
 
-It prints the median of ``--repeats`` timings of each and the ratio of their throughputs.
+It prints the median of ``--repeats`` paired timings (predict, scoring, predict, scoring, …)
+and the median of the per-pair throughput ratios, with their interquartile range.
 Last line of stdout: ``{"scoring_vs_predict": …, "records_per_s": …}``.
 """
 
@@ -30,7 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import core.quiet  # noqa: E402,F401
+from core.quiet import apply as quiet_logs  # noqa: E402
+
+quiet_logs()
 
 
 def setup(n: int, partition_size: int, workdir: Path) -> tuple[list[Path], Path, str]:
@@ -42,9 +45,9 @@ def setup(n: int, partition_size: int, workdir: Path) -> tuple[list[Path], Path,
     from affectloop.demo import generate_demo
     from core.settings import DEFAULT_LABELS
     from tasks.labelstudio.resource import demo_truth as true_labels
-    from model.estimator import FusionClassifier
     from model.inputs import arrays_from_features
     from model.registry import ModelRegistry
+    from model.training import DEFAULT_CONFIG, train_model
     from tasks.features import extract_features
     from tasks.ingest import find_manifest, ingest_local
 
@@ -60,7 +63,9 @@ def setup(n: int, partition_size: int, workdir: Path) -> tuple[list[Path], Path,
     truth = true_labels([str(p) for p in records])
     train = pq.read_table(features[0])
     y = np.array([truth[r] for r in train.column("record_id").to_pylist()], dtype=object)
-    model = FusionClassifier(labels=DEFAULT_LABELS, epochs=3, seed=1).fit(arrays_from_features(train), y)
+    # The product's default model (its architecture, fusion and ensemble), trained briefly: only speed is measured.
+    model = train_model(arrays_from_features(train), y, config=DEFAULT_CONFIG.with_overrides(epochs=3),
+                        labels=DEFAULT_LABELS, seed=1)
     registry = ModelRegistry(workdir / "data" / "models")
     version = registry.register(model, metrics={"macro_f1": 0.0}, training_data_hash="bench", params={})
     return features, workdir / "data" / "models", version
@@ -78,7 +83,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from core.settings import DEFAULT_LABELS
-    from model.estimator import _dataset, _model_inputs
+    from model.feature_model import _feature_inputs
     from model.inputs import arrays_from_features
     from tasks.score import load_model_cached, score_partition
 
@@ -86,7 +91,8 @@ def main() -> None:
     features, models_dir, version = setup(args.n, args.partition_size, args.workdir)
     estimator = load_model_cached(models_dir, version)
     n_records = sum(pq.ParquetFile(p).metadata.num_rows for p in features)
-    in_memory = _dataset(_model_inputs(arrays_from_features(pa.concat_tables([pq.read_table(p) for p in features]))))
+    in_memory = estimator._dataset(_feature_inputs(arrays_from_features(
+        pa.concat_tables([pq.read_table(p) for p in features]))))
     out_dir = args.workdir / "scores"
 
     def bare_predict() -> float:
@@ -107,15 +113,19 @@ def main() -> None:
         predict_s.append(bare_predict())
         scoring_s.append(scoring_stage())
     p_med, s_med = statistics.median(predict_s), statistics.median(scoring_s)
-    ratio = p_med / s_med  # throughput ratio = (n / scoring) / (n / predict)
+    pair_ratios = sorted(p / s for p, s in zip(predict_s, scoring_s))  # throughput ratio of each pair
+    ratio = statistics.median(pair_ratios)
+    quartiles = statistics.quantiles(pair_ratios, n=4, method="inclusive") if len(pair_ratios) > 1 else [ratio] * 3
 
     print(f"scoring benchmark: {n_records} records in {len(features)} partitions, model {version}, "
           f"{args.repeats} repeats (median)")
     print(f"{'what':<34}{'seconds':>10}{'records/s':>12}")
     print(f"{'bare model.predict (in memory)':<34}{p_med:>10.3f}{n_records / p_med:>12.0f}")
     print(f"{'scoring stage (Parquet → Parquet)':<34}{s_med:>10.3f}{n_records / s_med:>12.0f}")
-    print(f"scoring / bare predict throughput: {ratio:.2f} (target ≥ 0.80)")
-    print(json.dumps({"scoring_vs_predict": round(ratio, 3), "records_per_s": round(n_records / s_med, 1),
+    print(f"scoring / bare predict throughput, median of {len(pair_ratios)} pairs: {ratio:.2f} (target ≥ 0.80); "
+          f"pairs: {', '.join(f'{r:.2f}' for r in pair_ratios)}")
+    print(json.dumps({"scoring_vs_predict": round(ratio, 3), "scoring_vs_predict_iqr": round(quartiles[2] - quartiles[0], 3),
+                      "records_per_s": round(n_records / s_med, 1),
                       "predict_records_per_s": round(n_records / p_med, 1), "n": n_records}))
 
 

@@ -66,8 +66,8 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
             stage.counts = {"scored": sum(r.n_scored for r in scored)}
             stage.note = f"model {version}"
 
-    # From here on every task that reads the run's records runs on a Dask worker (.submit):
-    # the flow process holds paths and counts only, whatever the size of the source.
+    # From here on every task that reads the run's records whole runs on a Dask worker
+    # (.submit): the flow process holds paths and counts, whatever the size of the source.
     with report.stage("labels") as stage:
         gold = merge_gold_labels_task.submit(layout, built.records_paths)
         groups = update_group_index_task.submit(layout, built.records_paths, settings.group_field)
@@ -82,7 +82,7 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
             unmapped(settings.annotation_budget), unmapped(bool(score_parts)), unmapped(settings.seed)).result()
         selection = select_from_shortlists_task.submit(
             [path for path, _ in shortlists], built.records_paths, settings.annotation_budget, run.selection,
-            settings.selection_strategy, sum(n for _, n in shortlists), settings.seed).result()
+            settings.selection_strategy, sum(n for _, n in shortlists), bool(score_parts), settings.seed).result()
         stage.counts = {"selected": len(selection.selected_ids), "eligible": selection.n_eligible}
         stage.note = selection.strategy
 
@@ -94,8 +94,9 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
         if by_reason:
             report.facts["rejects by reason"] = ", ".join(f"{k}={v}" for k, v in sorted(by_reason.items()))
         if score_parts:
-            scores_dir, n_scores = publish_scores_task.submit(score_parts, selection.selected_ids, layout.root,
-                                                              layout.scores, run_date, settings.labels).result()
+            # In this process: it streams one part at a time into the staged partition.
+            scores_dir, n_scores = publish_scores_task(score_parts, selection.selected_ids, layout.root,
+                                                       layout.scores, run_date, settings.labels)
             stage.counts["scores"] = n_scores
             report.outputs["scores"] = str(scores_dir)
     with report.stage("compact features") as stage:

@@ -141,7 +141,8 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
 
 
 def select_from_shortlists(shortlist_paths: Sequence[str | Path], record_parts: Sequence[str | Path], budget: int,
-                           out_path: str | Path, strategy: str, n_eligible: int, seed: int = 0) -> SelectionResult:
+                           out_path: str | Path, strategy: str, n_eligible: int, scored: bool,
+                           seed: int = 0) -> SelectionResult:
     """The batch: ``model.selection.select`` over the union of the partitions' shortlists.
 
     For the uncertainty strategies and their ``diverse_`` forms the union holds every
@@ -152,7 +153,6 @@ def select_from_shortlists(shortlist_paths: Sequence[str | Path], record_parts: 
     tables = [pq.read_table(p) for p in shortlist_paths]
     union = pa.concat_tables(tables) if tables else None
     n = union.num_rows if union is not None else 0
-    scored = n > 0 and union.column("probs").null_count == 0
     used = strategy if scored else "cold_start"
     if budget <= 0 or n == 0:
         picks = np.zeros(0, dtype=np.int64)

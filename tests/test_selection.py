@@ -324,7 +324,8 @@ def test_shortlists_then_union_pick_what_one_in_memory_selection_picks(tmp_path,
                                  budget, scored=True, seed=3) for i, p in enumerate(parts)]
     assert all(pq.ParquetFile(path).metadata.num_rows == 25 for path, _ in lists)  # 5 x budget each, not 40
     result = select_from_shortlists([path for path, _ in lists], sorted(tmp_path.glob("records-*.parquet")), budget,
-                                    tmp_path / "selection.parquet", strategy, sum(n for _, n in lists), seed=3)
+                                    tmp_path / "selection.parquet", strategy, sum(n for _, n in lists), scored=True,
+                                    seed=3)
     in_memory = selection.select(strategy, budget, probs=probs, embeddings=emb, seed=3)
     assert sorted(result.selected_ids) == sorted(ids[i] for i in in_memory)
     assert result.n_eligible == len(ids)
@@ -354,7 +355,7 @@ def test_cold_start_over_partition_samples_equals_one_selection_when_the_sample_
     finally:
         S.cold_start_vectors = real
     result = select_from_shortlists([path for path, _ in lists], sorted(tmp_path.glob("records-*.parquet")), 6,
-                                    tmp_path / "sel.parquet", "diverse_entropy", 60, seed=1)
+                                    tmp_path / "sel.parquet", "diverse_entropy", 60, scored=False, seed=1)
     assert result.strategy == "cold_start"
     in_memory = selection.select("cold_start", 6, embeddings=emb, seed=1)
     assert sorted(result.selected_ids) == sorted(ids[i] for i in in_memory)
