@@ -19,6 +19,7 @@ inner structure is part of how the adapter keeps its guarantees.
       state/prefect/                     PREFECT_HOME of the local Prefect API the CLI starts
       state/retrain.json                 labels counted at the last retrain
       state/groups.parquet               record_id -> speaker, for the speaker-grouped holdout
+      state/holdout.json                 groups pinned to the frozen holdout
       state/stopping_signal.json         active-learning stopping signal history
       .staging/                          partitions being written (swapped in whole)
 """
@@ -183,6 +184,11 @@ class DataLayout:
     def group_index(self) -> Path:
         """record_id -> group (speaker) of every record whose source names one; the holdout is drawn by group."""
         return self.state / "groups.parquet"
+
+    @property
+    def holdout_state(self) -> Path:
+        """Groups pinned to the frozen holdout (when the hash alone would leave it empty)."""
+        return self.state / "holdout.json"
 
     @property
     def stopping_signal(self) -> Path:

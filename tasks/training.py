@@ -15,7 +15,7 @@ import hashlib
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,15 +34,40 @@ HOLDOUT_SALT = "affectloop-holdout-v1"
 _METRIC_KEYS = ("macro_f1", "weighted_f1", "accuracy", "uar", "ece")
 
 
+def _bucket(key: str, salt: str = HOLDOUT_SALT) -> float:
+    return int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def holdout_keys(record_ids: Sequence[str], groups: Sequence[str | None] | None = None) -> list[str]:
+    """The unit the holdout is drawn in: a record's group (speaker) where known, else the record."""
+    return [f"group:{g}" if g else rid for rid, g in zip(record_ids, groups or [None] * len(record_ids))]
+
+
 def in_holdout(record_ids: Sequence[str], fraction: float = 0.2, salt: str = HOLDOUT_SALT,
-               groups: Sequence[str | None] | None = None) -> np.ndarray:
+               groups: Sequence[str | None] | None = None, pinned: Iterable[str] = ()) -> np.ndarray:
     """True for the records of the frozen holdout: a stable ``fraction`` of the groups (a
-    record without a group is its own group), so a group is wholly on one side."""
-    keys = [f"group:{g}" if g else rid for rid, g in zip(record_ids, groups or [None] * len(record_ids))]
-    buckets = np.array([
-        int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64 for key in keys
-    ])
-    return buckets < fraction
+    record without a group is its own group) plus the ``pinned`` keys, so a group is wholly
+    on one side."""
+    pinned = set(pinned)
+    return np.array([key in pinned or _bucket(key, salt) < fraction for key in holdout_keys(record_ids, groups)],
+                    dtype=bool)
+
+
+def frozen_holdout(layout: DataLayout, record_ids: Sequence[str], groups: Sequence[str | None],
+                   fraction: float = 0.2) -> np.ndarray:
+    """The holdout mask, never shrinking: with few speakers the hash may put none of them in
+    the holdout, so the lowest-hashed group is pinned to it (and kept there in ``state/``,
+    so a record that was held out never feeds training later)."""
+    state = read_json(layout.holdout_state, default={}) or {}
+    pinned = set(state.get("pinned", []))
+    mask = in_holdout(record_ids, fraction, groups=groups, pinned=pinned)
+    keys = holdout_keys(record_ids, groups)
+    if not mask.any() and len(set(keys)) > 1:
+        pinned.add(min(set(keys), key=_bucket))
+        atomic_write_json(layout.holdout_state, {"pinned": sorted(pinned), "salt": HOLDOUT_SALT,
+                                                 "fraction": fraction})
+        mask = in_holdout(record_ids, fraction, groups=groups, pinned=pinned)
+    return mask
 
 
 def update_group_index(layout: DataLayout, records_paths: Sequence[str | Path], group_field: str) -> int:
@@ -151,7 +176,7 @@ def retrain(layout: DataLayout, labels: Sequence[str], fusion: str | None = None
     if table.num_rows == 0:
         return RetrainResult(None, False, "no labeled records with cached features", 0, 0)
     ids = table.column("record_id").to_pylist()
-    holdout = in_holdout(ids, holdout_fraction, groups=read_groups(layout.group_index, ids))
+    holdout = frozen_holdout(layout, ids, read_groups(layout.group_index, ids), holdout_fraction)
     train_table = table.filter(pa.array(~holdout))
     hold_table = table.filter(pa.array(holdout))
     if train_table.num_rows < min_train or hold_table.num_rows == 0:

@@ -16,8 +16,8 @@ from tasks.features import extract_features
 from tasks.ingest import find_manifest, ingest_local
 
 
-def make_source(folder: Path, n: int = 48, seed: int = 3) -> Path:
-    generate_demo(folder, n=n, seed=seed)
+def make_source(folder: Path, n: int = 48, seed: int = 3, gold_fraction: float = 0.10) -> Path:
+    generate_demo(folder, n=n, seed=seed, gold_fraction=gold_fraction)
     return folder
 
 

@@ -362,3 +362,23 @@ def test_registry_corrupt_model_is_a_clear_error_and_production_stays(fitted, tm
         registry.promote("v0099-20260101T000000Z")
     assert registry.production_version() == v1
     assert registry.load_production() is not None
+
+
+def test_frozen_holdout_keeps_each_speaker_on_one_side_and_never_shrinks(tmp_path):
+    from core.layout import DataLayout
+    from tasks.training import frozen_holdout
+
+    layout = DataLayout(tmp_path)
+    ids = [f"r{i}" for i in range(40)]
+    groups = [f"spk{i % 4}" for i in range(40)]  # four speakers: the hash alone may hold none out
+    mask = frozen_holdout(layout, ids, groups)
+    assert mask.any() and not mask.all()
+    for speaker in set(groups):
+        sides = {bool(m) for m, g in zip(mask, groups) if g == speaker}
+        assert len(sides) == 1  # a speaker is wholly on one side
+    held = {g for m, g in zip(mask, groups) if m}
+    # More speakers arrive later: the speakers held out stay held out.
+    ids2, groups2 = ids + [f"n{i}" for i in range(60)], groups + [f"spk{4 + i % 12}" for i in range(60)]
+    mask2 = frozen_holdout(layout, ids2, groups2)
+    assert held <= {g for m, g in zip(mask2, groups2) if m}
+    assert (mask2[:40] == mask).all()

@@ -69,3 +69,35 @@ def test_cold_start_then_scored_build_then_rerun(tmp_path, prefect_api_url, monk
     again = ds.dataset(data_root / "scores", format="parquet", partitioning="hive").to_table()
     assert again.num_rows == 35
     assert [p.name for p in (data_root / "scores").iterdir()] == [f"run_date={RUN_DATE}"]
+
+
+def test_retrain_flow_gates_registers_promotes_and_publishes_its_comparison(tmp_path, prefect_api_url, monkeypatch):
+    """The retrain flow on a real Prefect API: a cold-start build leaves gold labels and features,
+    the retrain registers and promotes a first model, a second call below min_new_labels is skipped."""
+    from prefect.client.orchestration import get_client
+
+    from flows.retrain import retrain_flow
+    from model.training import DEFAULT_CONFIG
+    import model.training as training
+
+    source = make_source(tmp_path / "source", n=60, gold_fraction=1.0)
+    data_root = tmp_path / "data"
+    _build(source, data_root, monkeypatch, annotation_budget=0)
+    monkeypatch.setattr(training, "DEFAULT_CONFIG", DEFAULT_CONFIG.with_overrides(epochs=3, n_members=2))
+
+    first = retrain_flow(data_root=str(data_root), min_new_labels=1)
+    assert first["skipped"] is False and first["version"] and first["promoted"] is True
+    assert first["n_train"] > 0 and first["n_holdout"] > 0
+    assert (data_root / "models" / "PRODUCTION").read_text().strip() == first["version"]
+    assert (data_root / "reports" / first["version"] / "confusion_matrix.png").stat().st_size > 0
+
+    second = retrain_flow(data_root=str(data_root), min_new_labels=1)
+    assert second["skipped"] is True and "0 new labels" in second["reason"]
+
+    import asyncio
+
+    async def artifact_keys() -> set[str]:
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    assert "retrain-comparison" in asyncio.run(artifact_keys())
