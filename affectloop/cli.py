@@ -236,8 +236,7 @@ def labelstudio_start(data_root: Optional[Path] = DataRoot, source: Optional[str
 
     settings = _settings(data_root=data_root, source=source)
     with _exit_codes():
-        server = LocalLabelStudio(settings.data_root, settings.label_studio_port,
-                                  document_root=Path(settings.source).resolve().parent)
+        server = LocalLabelStudio(settings.data_root, settings.label_studio_port)
         with console.status("starting Label Studio (first start runs migrations, ~30 s)…"):
             creds = server.start()
         console.print(f"Label Studio at {creds.url}; admin login in {settings.layout.labelstudio.credentials}")

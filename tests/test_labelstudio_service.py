@@ -20,7 +20,7 @@ import requests
 from PIL import Image
 
 from tasks.labelstudio import push as push_module
-from tasks.labelstudio.annotator import SimulatedAnnotator
+from tasks.labelstudio.annotator import enlist
 from tasks.labelstudio.client import LabelStudioClient, RetryPolicy
 from tasks.labelstudio.project import ensure_project, project_title
 from core.layout import DataLayout, LabelStudioLayout
@@ -95,7 +95,7 @@ def _save_template(server: LocalLabelStudio) -> None:
 def label_studio(ls_root):
     if not (LS_VENV / "bin" / "label-studio").exists():
         pytest.skip("Label Studio is not installed; run `make labelstudio-install`")
-    server = LocalLabelStudio(ls_root / "data", port=free_port(), document_root=ls_root, venv=LS_VENV)
+    server = LocalLabelStudio(ls_root / "data", port=free_port(), venv=LS_VENV)
     seeded = _seed_from_template(server)
     server.start()
     if not seeded:
@@ -108,6 +108,18 @@ def label_studio(ls_root):
 @pytest.fixture()
 def client(label_studio) -> LabelStudioClient:
     return LabelStudioClient(label_studio.credentials(), retry=RetryPolicy(attempts=3, base_delay_s=0.2))
+
+
+@pytest.fixture()
+def doc_root(label_studio) -> Path:
+    """The local server's local-files document root (only published media live there)."""
+    return label_studio.document_root
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _selection(n: int, prefix: str = "r") -> pa.Table:
@@ -138,24 +150,26 @@ def test_server_started_on_loopback_with_private_credentials(label_studio, ls_ro
         LocalLabelStudio(ls_root / "other", port=label_studio.port, venv=LS_VENV).start()
 
 
-def test_bootstrap_twice_gives_one_project_and_serves_media(client, ls_root, label_studio):
+def test_bootstrap_twice_gives_one_project_and_serves_media(client, ls_root, label_studio, doc_root, tmp_path):
     labels = _labels("boot")
-    first = ensure_project(client, labels, ls_root / "source", ls_root)
-    second = ensure_project(client, labels, ls_root / "source", ls_root)
+    first = ensure_project(client, labels, ls_root / "source", doc_root)
+    second = ensure_project(client, labels, ls_root / "source", doc_root)
     assert first.created and not second.created
     assert first.project_id == second.project_id and first.storage_id == second.storage_id
     assert len(client.find_projects(project_title(labels))) == 1
-    assert len(client.local_storages(first.project_id)) == 1
-    # The media URL a task carries is served by Label Studio from the source.
-    url = label_studio.url + first.media_url("media/face.png")
-    response = requests.get(url, headers={"Authorization": f"Token {client.credentials.token.get_secret_value()}"},
-                            timeout=10)
+    (storage,) = client.local_storages(first.project_id)
+    assert Path(storage["path"]) == first.media_dir  # the published-media folder, not the source
+    # The media URL a pushed task carries is served by Label Studio, with the source file's bytes.
+    push_selection(client, first, _selection(1, prefix="boot"), LabelStudioLayout(tmp_path))
+    (task,) = client.iter_tasks(first.project_id)
+    response = requests.get(label_studio.url + task["data"]["image"], timeout=10,
+                            headers={"Authorization": f"Token {client.credentials.token.get_secret_value()}"})
     assert response.status_code == 200
     assert response.content == (ls_root / "source" / "media" / "face.png").read_bytes()
 
 
-def test_push_twice_gives_no_duplicate_tasks(client, ls_root, tmp_path):
-    project = ensure_project(client, _labels("push"), ls_root / "source", ls_root)
+def test_push_twice_gives_no_duplicate_tasks(client, ls_root, doc_root, tmp_path):
+    project = ensure_project(client, _labels("push"), ls_root / "source", doc_root)
     first = push_selection(client, project, _selection(7), LabelStudioLayout(tmp_path), batch_size=3)
     assert (first.n_pushed, first.n_pending, first.n_skipped_already) == (7, 0, 0)
     # Rerun with an overlapping selection: only the new record is sent.
@@ -167,11 +181,13 @@ def test_push_twice_gives_no_duplicate_tasks(client, ls_root, tmp_path):
     task = client.sdk.tasks.get(id=str(read_ledger(LabelStudioLayout(tmp_path)).column("task_id")[0].as_py()))
     (prediction,) = task.predictions
     assert prediction.model_version == "test-v1" and prediction.result[0]["value"] == {"choices": ["joy"]}
-    assert task.data["image"].startswith("/data/local-files/?d=source/media/face.png")
+    face = _sha256(ls_root / "source" / "media" / "face.png")
+    assert task.data["image"] == f"/data/local-files/?d=affectloop-project-{project.project_id}/{face}.png"
 
 
-def test_crash_between_import_and_ledger_write_then_rerun_gives_no_duplicates(client, ls_root, tmp_path, monkeypatch):
-    project = ensure_project(client, _labels("crash"), ls_root / "source", ls_root)
+def test_crash_between_import_and_ledger_write_then_rerun_gives_no_duplicates(client, ls_root, doc_root, tmp_path,
+                                                                             monkeypatch):
+    project = ensure_project(client, _labels("crash"), ls_root / "source", doc_root)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed after the import, before the ledger write")
@@ -189,8 +205,8 @@ def test_crash_between_import_and_ledger_write_then_rerun_gives_no_duplicates(cl
     assert len(ids) == len(set(ids)) == 6
 
 
-def test_server_stopped_mid_push_next_run_completes(client, label_studio, ls_root, tmp_path):
-    project = ensure_project(client, _labels("outage"), ls_root / "source", ls_root)
+def test_server_stopped_mid_push_next_run_completes(client, label_studio, ls_root, doc_root, tmp_path):
+    project = ensure_project(client, _labels("outage"), ls_root / "source", doc_root)
     quick = LabelStudioClient(label_studio.credentials(), retry=RetryPolicy(attempts=2, base_delay_s=0.1))
 
     def stop_after_first_batch(index: int, n_tasks: int) -> None:
@@ -217,10 +233,11 @@ def test_server_stopped_mid_push_next_run_completes(client, label_studio, ls_roo
 
 
 def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreement(client, label_studio, ls_root,
-                                                                                  tmp_path):
+                                                                                  doc_root, tmp_path):
     labels = _labels("team")
-    project = ensure_project(client, labels, ls_root / "source", ls_root, annotations_per_task=3)
-    push_selection(client, project, _selection(5), LabelStudioLayout(tmp_path))
+    project = ensure_project(client, labels, ls_root / "source", doc_root, annotations_per_task=3)
+    state_dir = LabelStudioLayout(tmp_path / "state")  # ledger, enlisted annotators, watermark
+    push_selection(client, project, _selection(5), state_dir)
     # What each annotator answers (a missing record: that annotator presses Skip).
     answers = {
         "ann1": {"r0": "joy", "r1": "anger-team", "r2": "fear", "r4": "sadness"},
@@ -228,11 +245,11 @@ def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreemen
         "ann3": {"r0": "joy", "r1": "fear", "r2": "neutral", "r3": "joy"},
     }
     for name, gold in answers.items():
-        annotator = SimulatedAnnotator(label_studio.url, f"{name}@team.test", "pw-" + name * 3, labels, gold)
-        stats = annotator.login().annotate_pending(project.project_id)
+        annotator = enlist(client, state_dir, f"{name}@team.test", labels, gold)
+        stats = annotator.annotate_pending(project.project_id)
         assert stats.annotated == len(gold) and stats.skipped == 5 - len(gold)
 
-    labels_path, state_dir = tmp_path / "labels" / "annotations.parquet", LabelStudioLayout(tmp_path / "state")
+    labels_path = tmp_path / "labels" / "annotations.parquet"
     result = sync_annotations(client, project, labels_path, state_dir)
     # By hand: r0 joy 3/3; r1 anger 2/3; r2 fear/sadness/neutral tie; r3 joy 2/2 (ann1 skipped);
     # r4 sadness/anger tie (ann3 skipped). Krippendorff's alpha over the 13 pairable values:
@@ -249,9 +266,9 @@ def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreemen
     # Incremental: nothing new, nothing changes. One more vote breaks the r4 tie.
     again = sync_annotations(client, project, labels_path, state_dir)
     assert again.n_tasks_changed == 0 and again.n_labels_total == 3
-    task_id = next(r["task_id"] for r in read_ledger(LabelStudioLayout(tmp_path)).to_pylist() if r["record_id"] == "r4")
-    fourth = SimulatedAnnotator(label_studio.url, "ann4@team.test", "pw-ann4ann4", labels, {})
-    fourth.login().annotate(task_id, project.project_id, "sadness")
+    task_id = next(r["task_id"] for r in read_ledger(state_dir).to_pylist() if r["record_id"] == "r4")
+    fourth = enlist(client, state_dir, "ann4@team.test", labels, {})
+    fourth.annotate(task_id, project.project_id, "sadness")
     third = sync_annotations(client, project, labels_path, state_dir)
     assert third.n_tasks_changed == 1 and third.n_labels_total == 4
     r4 = next(r for r in pq.read_table(labels_path).to_pylist() if r["record_id"] == "r4")
@@ -280,7 +297,7 @@ def test_flow_level_push_keeps_selection_pending_while_unreachable_then_pushes_i
     from tasks.labelstudio.resource import push_to_labelstudio, sync_from_labelstudio
 
     token = label_studio.credentials().token
-    monkeypatch.setenv("AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT", str(ls_root))
+    monkeypatch.setenv("AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT", str(label_studio.document_root))
     labels = ",".join(_labels("flow"))
     down = get_settings(data_root=tmp_path, labels=labels, label_studio_url=f"http://127.0.0.1:{free_port()}",
                         label_studio_token=token, source=str(ls_root / "source"))
@@ -299,18 +316,18 @@ def test_flow_level_push_keeps_selection_pending_while_unreachable_then_pushes_i
     assert "Krippendorff" in synced.markdown()
 
 
-def test_simulated_team_with_error_rate_one_never_answers_gold(client, label_studio, ls_root, tmp_path):
+def test_simulated_team_with_error_rate_one_never_answers_gold(client, label_studio, ls_root, doc_root, tmp_path):
     from tasks.labelstudio.annotator import annotate_with_team
 
     labels = _labels("noisy")
-    project = ensure_project(client, labels, ls_root / "source", ls_root)
-    push_selection(client, project, _selection(4), LabelStudioLayout(tmp_path))
+    project = ensure_project(client, labels, ls_root / "source", doc_root)
+    state_dir = LabelStudioLayout(tmp_path / "state")
+    push_selection(client, project, _selection(4), state_dir)
     gold = {f"r{i}": labels[i] for i in range(4)}
-    (first, second) = annotate_with_team(label_studio.url, project.project_id, labels, gold, n_annotators=2,
+    (first, second) = annotate_with_team(client, project.project_id, labels, gold, state_dir, n_annotators=2,
                                          error_rate=1.0, seed=5, domain="noisy.test")
     assert (first.annotated, first.correct) == (4, 0)
     assert second.annotated == 0  # one annotation per task: the stream is empty for the second
-    result = sync_annotations(client, project, tmp_path / "labels" / "annotations.parquet",
-                              LabelStudioLayout(tmp_path / "state"))
+    result = sync_annotations(client, project, tmp_path / "labels" / "annotations.parquet", state_dir)
     rows = pq.read_table(tmp_path / "labels" / "annotations.parquet").to_pylist()
     assert result.n_resolved == 4 and all(row["label"] != gold[row["record_id"]] for row in rows)
