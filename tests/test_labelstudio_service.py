@@ -331,3 +331,154 @@ def test_simulated_team_with_error_rate_one_never_answers_gold(client, label_stu
     result = sync_annotations(client, project, tmp_path / "labels" / "annotations.parquet", state_dir)
     rows = pq.read_table(tmp_path / "labels" / "annotations.parquet").to_pylist()
     assert result.n_resolved == 4 and all(row["label"] != gold[row["record_id"]] for row in rows)
+
+
+# ---------------------------------------------------------------------------------- issue #14: the attacks, refused
+
+
+def _signup(base_url: str, path: str, email: str, password: str) -> requests.Response:
+    """A browser's signup: CSRF cookie from a GET of the page, then the form post."""
+    session = requests.Session()
+    session.get(base_url + path, timeout=30)
+    token = session.cookies.get("csrftoken", "")
+    return session.post(base_url + path, timeout=30, allow_redirects=False, headers={"Referer": base_url + path},
+                        data={"csrfmiddlewaretoken": token, "email": email, "password": password,
+                              "allow_newsletters": "false"})
+
+
+def test_signup_without_an_invite_is_refused_and_only_loopback_host_names_are_served(label_studio, client):
+    email = "stranger@outside.test"
+    refused = _signup(label_studio.url, "/user/signup/", email, "a-long-enough-password-1")
+    assert refused.status_code == 403
+    assert email not in client.user_emails().values()
+    # A wrong invite token is refused too.
+    assert _signup(label_studio.url, "/user/signup/?token=not-the-token", email, "a-long-enough-password-1"
+                   ).status_code == 403
+    assert email not in client.user_emails().values()
+    # The invite link works (that is how the project's annotators are made).
+    invited = _signup(label_studio.url, client.invite_path(), "invited@outside.test", "a-long-enough-password-2")
+    assert invited.status_code == 302 and "invited@outside.test" in client.user_emails().values()
+    # ALLOWED_HOSTS: a request naming another host (DNS rebinding) is refused.
+    assert requests.get(label_studio.url + "/user/login/", headers={"Host": "evil.example"}, timeout=10
+                        ).status_code == 400
+
+
+def test_local_files_serve_no_symlink_target_no_rejected_file_and_no_manifest(client, label_studio, doc_root,
+                                                                             tmp_path, media):
+    source = tmp_path / "src"
+    good = media.image(source / "media" / "ok.png", seed=7)
+    (source / "media" / "link.jpg").symlink_to("/etc/hostname")  # ingest: unsafe_path
+    (source / "media" / "rejected.png").write_bytes(b"not a png at all")  # ingest: format_mismatch
+    (source / "manifest.jsonl").write_text('{"record_id": "m0", "image": "media/ok.png", "label": "joy"}\n'
+                                           '{"record_id": "m1", "image": "media/link.jpg", "label": "fear"}\n')
+    project = ensure_project(client, _labels("files"), source, doc_root)
+    selection = pa.table({"record_id": ["m0", "m1"], "text": ["a", "b"], "image": ["media/ok.png", "media/link.jpg"]})
+    pushed = push_selection(client, project, selection, LabelStudioLayout(tmp_path / "state"))
+    assert (pushed.n_pushed, pushed.n_refused) == (1, 1)  # the symlink out of the source is never published
+    (task,) = client.iter_tasks(project.project_id)
+    headers = {"Authorization": f"Token {client.credentials.token.get_secret_value()}"}
+
+    def fetch(d: str) -> requests.Response:
+        return requests.get(f"{label_studio.url}/data/local-files/", params={"d": d}, headers=headers, timeout=10)
+
+    assert fetch(task["data"]["image"].split("?d=", 1)[1]).content == good.read_bytes()  # what was pushed: served
+    secret = Path("/etc/hostname").read_bytes()
+    manifest = (source / "manifest.jsonl").read_bytes()
+    outside = os.path.relpath(source, doc_root)
+    for attempt in (f"{outside}/media/link.jpg", f"{outside}/media/rejected.png", f"{outside}/manifest.jsonl",
+                    f"{source.name}/manifest.jsonl", str(source / "manifest.jsonl"), "/etc/hostname",
+                    f"affectloop-project-{project.project_id}/../../../../../etc/hostname",
+                    f"affectloop-project-{project.project_id}/link.jpg"):
+        response = fetch(attempt)
+        assert response.status_code != 200, attempt
+        assert secret not in response.content and b"record_id" not in response.content, attempt
+    # Nor can the source be registered as a storage: the document root holds only published media.
+    with pytest.raises(LabelStudioError):
+        client.create_local_storage(project.project_id, str(source), title="the raw source")
+    assert manifest  # (the manifest exists, it is just not reachable)
+    # The project's media folder holds regular files named by content hash, and nothing else.
+    entries = list(project.media_dir.iterdir())
+    assert [e.name for e in entries] == [f"{_sha256(good)}.png"]
+    assert all(e.is_file() and not e.is_symlink() for e in entries)
+
+
+def test_sync_ignores_tasks_outside_the_push_and_annotations_by_non_members(client, label_studio, ls_root, doc_root,
+                                                                           tmp_path):
+    labels = _labels("inject")
+    project = ensure_project(client, labels, ls_root / "source", doc_root, annotations_per_task=2)
+    state = LabelStudioLayout(tmp_path / "state")
+    push_selection(client, project, _selection(2, prefix="i"), state)
+    member = enlist(client, state, "member@inject.test", labels, {"i0": "joy", "i1": "joy"})
+    assert member.annotate_pending(project.project_id).annotated == 2
+    # An org member the project never enlisted and nobody allowed: annotates a real task.
+    outsider_email = "outsider@inject.test"
+    assert _signup(label_studio.url, client.invite_path(), outsider_email, "outsider-password-123").status_code == 302
+    from tasks.labelstudio.annotator import SimulatedAnnotator
+
+    outsider = SimulatedAnnotator(label_studio.url, outsider_email, "outsider-password-123", labels,
+                                  {"i1": "fear"}).login()
+    done = outsider.annotate_pending(project.project_id)
+    assert (done.annotated, done.skipped) == (1, 1)  # fear on i1, a skip on i0
+    # Tasks created on the server outside the push, annotated: one names a real record, one a made-up one.
+    result = [{"from_name": "emotion", "to_name": "text", "type": "choices", "value": {"choices": ["sadness"]}}]
+    client.import_tasks(project.project_id, [
+        {"data": {"record_id": rid, "text": "injected", "image": "", "audio": ""}, "annotations": [{"result": result}]}
+        for rid in ("i0", "ghost-1")
+    ])
+
+    labels_path = tmp_path / "labels" / "annotations.parquet"
+    synced = sync_annotations(client, project, labels_path, state)
+    rows = {r["record_id"]: (r["label"], r["annotators"]) for r in pq.read_table(labels_path).to_pylist()}
+    assert rows == {"i0": ("joy", 1), "i1": ("joy", 1)}  # only the member's votes; no ghost, no sadness
+    assert (synced.n_unknown_tasks, synced.n_unknown_annotators, synced.n_unknown_annotator_annotations) == (2, 1, 2)
+    assert synced.ignored_summary == "ignored: 2 unknown tasks, 1 unknown annotator (2 annotations)"
+    assert synced.ignored_summary in synced.markdown()
+    assert outsider_email not in synced.annotations_per_annotator
+
+    # The allow-list (AFFECTLOOP_LABEL_STUDIO_ANNOTATORS) makes the outsider a member; injected tasks stay out.
+    state.watermark.unlink()
+    again = sync_annotations(client, project, labels_path, state, allowed_annotators=[outsider_email.upper()])
+    rows = {r["record_id"]: (r["label"], r["annotators"]) for r in pq.read_table(labels_path).to_pylist()}
+    assert rows == {"i0": ("joy", 1)}  # i1 is now joy against the outsider's fear: a tie, unresolved
+    assert (again.n_ties, again.n_unknown_tasks, again.n_unknown_annotators) == (1, 2, 0)
+
+
+def test_done_tasks_media_are_removed_from_the_served_folder(client, label_studio, ls_root, doc_root, tmp_path):
+    labels = _labels("prune")
+    project = ensure_project(client, labels, ls_root / "source", doc_root)
+    state = LabelStudioLayout(tmp_path / "state")
+    push_selection(client, project, _selection(2, prefix="p"), state)  # same face, one clip: 2 files
+    assert len(list(project.media_dir.iterdir())) == 2
+    enlist(client, state, "pruner@prune.test", labels, {"p0": "joy"}).annotate_pending(project.project_id, limit=1)
+    first = sync_annotations(client, project, tmp_path / "labels.parquet", state)
+    assert first.n_media_pruned == 1  # p0 is done: its clip goes; the face is still needed by p1
+    assert [p.suffix for p in project.media_dir.iterdir()] == [".png"]
+    enlist(client, state, "pruner@prune.test", labels, {"p1": "joy"}).annotate_pending(project.project_id)
+    assert sync_annotations(client, project, tmp_path / "labels.parquet", state).n_media_pruned == 1
+    assert list(project.media_dir.iterdir()) == []
+
+
+def test_state_and_label_studio_data_are_owner_only_and_the_token_is_not_in_the_server_environment(label_studio,
+                                                                                                  ls_root):
+    label_studio.stop()
+    label_studio.start()  # a restart: the admin exists, so no password or token is handed to the server
+    token = label_studio.credentials().token.get_secret_value().encode()
+    pid = label_studio.status()["pid"]
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert token not in environ and b"LABEL_STUDIO_PASSWORD" not in environ
+    assert b"LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK=true" in environ
+    state = ls_root / "data" / "state"
+    database = label_studio.server_dir / "label_studio.sqlite3"
+    assert database.is_file() and stat.S_IMODE(database.stat().st_mode) == 0o600
+    checked = 0
+    for path in [state, *state.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if path.is_dir():
+            assert mode == 0o700, (path, oct(mode))
+        else:
+            assert mode & 0o077 == 0, (path, oct(mode))
+        checked += 1
+    names = {p.name for p in state.rglob("*")}
+    assert {"credentials.json", "server.log", "label_studio.sqlite3", "media", "server"} <= names and checked > 6
