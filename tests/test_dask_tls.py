@@ -117,7 +117,7 @@ def test_runner_reaches_a_tls_scheduler_with_the_certificate_settings(prefect_ap
     # The runner's own client is encrypted with our certificates, and the work ran on the TLS worker.
     runner = make_task_runner(settings)
     with runner:
-        client = runner._client
+        client = runner.client  # built on first use, through the runner's own code path
         assert client.security.require_encryption and client.scheduler.address.startswith("tls://")
         assert client.submit(sum, [20, 22], pure=False).result(timeout=60) == 42
         assert len(client.scheduler_info()["workers"]) == 1
