@@ -108,7 +108,9 @@ def _prefect_after_preflight(settings: Settings) -> Iterator[None]:
 def _prefect(settings: Settings) -> Iterator[None]:
     """A real Prefect API for the run: the configured one, or a local server for its duration."""
     from affectloop.services import prefect_api
+    from core.io import ensure_private_dir
 
+    ensure_private_dir(settings.layout.state)  # owner-only: credentials, ledger, the Prefect API's database
     with console.status("starting a local Prefect API…", spinner="dots"):
         cm = prefect_api(settings.layout.prefect_home)
         cm.__enter__()
