@@ -108,7 +108,9 @@ def _prefect_after_preflight(settings: Settings) -> Iterator[None]:
 def _prefect(settings: Settings) -> Iterator[None]:
     """A real Prefect API for the run: the configured one, or a local server for its duration."""
     from affectloop.services import prefect_api
+    from core.io import ensure_private_dir
 
+    ensure_private_dir(settings.layout.state)  # owner-only: credentials, ledger, the Prefect API's database
     with console.status("starting a local Prefect API…", spinner="dots"):
         cm = prefect_api(settings.layout.prefect_home)
         cm.__enter__()
@@ -237,8 +239,7 @@ def labelstudio_start(data_root: Optional[Path] = DataRoot, source: Optional[str
 
     settings = _settings(data_root=data_root, source=source)
     with _exit_codes():
-        server = LocalLabelStudio(settings.data_root, settings.label_studio_port,
-                                  document_root=Path(settings.source).resolve().parent)
+        server = LocalLabelStudio(settings.data_root, settings.label_studio_port)
         with console.status("starting Label Studio (first start runs migrations, ~30 s)…"):
             creds = server.start()
         console.print(f"Label Studio at {creds.url}; admin login in {settings.layout.labelstudio.credentials}")

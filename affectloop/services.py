@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from core.io import ensure_private_dir, make_private_tree
 from core.processes import free_port, http_ok, start_process_group, stop_process, wait_healthy
 
 
@@ -21,13 +22,15 @@ def prefect_server(home: str | Path, port: int | None = None, timeout: float = 9
     """Run ``prefect server start`` on 127.0.0.1 for the block; yields its API URL."""
     port = port or free_port()
     home = Path(home)
-    home.mkdir(parents=True, exist_ok=True)
+    # PREFECT_HOME lives under state/: owner-only, like the rest of it (its database holds run logs).
+    ensure_private_dir(home)
+    make_private_tree(home)
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_UI_ENABLED="false", PREFECT_UI_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
     proc = start_process_group(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--analytics-off", "--no-ui"], home / "server.log", env=env)
+         "--analytics-off", "--no-ui"], home / "server.log", env=env, umask=0o077)
     url = f"http://127.0.0.1:{port}/api"
     try:
         wait_healthy(proc.pid, lambda: http_ok(f"{url}/health"), timeout, "prefect server")

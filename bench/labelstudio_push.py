@@ -44,12 +44,26 @@ def selection(n: int, labels: tuple[str, ...], seed: int = 0) -> pa.Table:
     return pa.table({
         "record_id": [f"bench-{i:06d}" for i in range(n)],
         "text": [f"benchmark utterance number {i}, said with some feeling" for i in range(n)],
-        "image": [f"images/{i:06d}.png" for i in range(n)],
-        "audio": [f"audio/{i:06d}.wav" if i % 3 else None for i in range(n)],
+        # Push publishes real, validated files (tasks.labelstudio.media): a few shared ones.
+        "image": [f"images/{i % 10:02d}.png" for i in range(n)],
+        "audio": [f"audio/{i % 10:02d}.wav" if i % 3 else None for i in range(n)],
         "predicted_label": [labels[j] for j in probs.argmax(axis=1)],
         "confidence": probs.max(axis=1),
         "model_version": ["bench-model"] * n,
     })
+
+
+def write_media(source: Path) -> None:
+    """Ten small faces and clips the selection's records share."""
+    import soundfile as sf
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (source / "images").mkdir(parents=True, exist_ok=True)
+    (source / "audio").mkdir(parents=True, exist_ok=True)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(source / "images" / f"{i:02d}.png")
+        sf.write(source / "audio" / f"{i:02d}.wav", (0.1 * np.sin(np.arange(8000) / (3 + i))).astype(np.float32), 16000)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     temporary = args.data_root is None
     root = Path(tempfile.mkdtemp(prefix="affectloop-lsbench-")) if temporary else args.data_root
     source = root / "bench-source"
-    source.mkdir(parents=True, exist_ok=True)  # files need not exist to be referenced by a task
-    server = LocalLabelStudio(root, port=args.port or free_port(), document_root=root)
+    write_media(source)
+    server = LocalLabelStudio(root, port=args.port or free_port())
     pushes, floors, reruns, ratios = [], [], [], []
     try:
         t0 = time.perf_counter()
@@ -76,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         # into a fresh project.
         for rep in range(args.repeats):
             labels = (f"anger-{uuid.uuid4().hex[:6]}",) + BASE_LABELS[1:]  # a fresh project every time
-            project = ensure_project(client, labels, source, root)
+            project = ensure_project(client, labels, source, server.document_root)
             table = selection(args.n, labels, seed=rep)
             state_dir = LabelStudioLayout(root / "state" / f"lsbench-{project.project_id}")
             t0 = time.perf_counter()
@@ -91,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             payloads = [task_payload(row, project) for row in table.to_pylist()]
             # Another fresh project for the floor (the same payloads; Label Studio does not check a
             # prediction's choice against the labeling config on import).
-            floor_project = ensure_project(client, (f"anger-{uuid.uuid4().hex[:6]}",) + BASE_LABELS[1:], source, root)
+            floor_project = ensure_project(client, (f"anger-{uuid.uuid4().hex[:6]}",) + BASE_LABELS[1:], source,
+                                           server.document_root)
             t0 = time.perf_counter()
             for start in range(0, len(payloads), args.batch_size):
                 client.sdk.projects.import_tasks(id=floor_project.project_id,

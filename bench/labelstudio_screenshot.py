@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from affectloop.demo import generate_demo  # noqa: E402
 from core.settings import get_settings  # noqa: E402
-from tasks.labelstudio.annotator import SimulatedAnnotator  # noqa: E402
+from tasks.labelstudio.annotator import enlist  # noqa: E402
 from tasks.labelstudio.client import LabelStudioClient  # noqa: E402
 from tasks.labelstudio.project import ensure_project  # noqa: E402
 from core.layout import LabelStudioLayout  # noqa: E402
@@ -116,10 +116,10 @@ def prepare_task(data_root: Path, port: int) -> tuple[str, int, int, dict[str, s
     rows = [json.loads(line) for line in (source / "manifest.jsonl").read_text().splitlines() if line.strip()]
     record = next((r for r in rows if r.get("true_label") == "joy"), rows[0])
 
-    server = LocalLabelStudio(data_root, port=port, document_root=doc_root)
+    server = LocalLabelStudio(data_root, port=port)
     creds = server.start()
     client = LabelStudioClient(creds)
-    project = ensure_project(client, settings.labels, source, doc_root)
+    project = ensure_project(client, settings.labels, source, server.document_root)
     state_dir = data_root / "state" / "labelstudio-screenshot"
     selection = [{"record_id": record["record_id"], "text": record["text"], "image": record["image"],
                   "audio": record["audio"], "predicted_label": record["true_label"], "confidence": 0.62,
@@ -130,8 +130,8 @@ def prepare_task(data_root: Path, port: int) -> tuple[str, int, int, dict[str, s
     ledger = read_ledger(LabelStudioLayout(state_dir)).to_pylist()
     task_id = next(r["task_id"] for r in ledger if r["record_id"] == record["record_id"]
                    and r["project_id"] == project.project_id)
-    annotator = SimulatedAnnotator(creds.url, "screenshot@annotators.affectloop.local", "screenshot-annotator-pw",
-                                   settings.labels, {}).login()
+    annotator = enlist(client, LabelStudioLayout(state_dir), "screenshot@annotators.affectloop.local",
+                       settings.labels, {})
     return creds.url, project.project_id, task_id, annotator.session_cookies(), record
 
 

@@ -39,6 +39,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def is_private_dir(path: str | os.PathLike) -> bool:
+    """A folder no one but its owner can read or enter (no group/other permission bits)."""
+    try:
+        return os.stat(path).st_mode & 0o077 == 0
+    except OSError:
+        return False
+
+
+def ensure_private_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and missing parents) as 0700 folders; tighten it if it exists."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
+    return path
+
+
+def make_private_tree(root: str | os.PathLike) -> int:
+    """Strip group and other permissions from ``root`` and everything under it; returns entries changed.
+
+    Never widens a mode (a 0400 file stays 0400) and never follows a symlink (a link's target
+    is not ours to change; the link itself has no mode on Linux).
+    """
+    root = Path(root)
+    if not root.exists():
+        return 0
+    changed = 0
+    for directory, subdirs, files in os.walk(root, followlinks=False):
+        for entry in [directory, *(os.path.join(directory, f) for f in files)]:
+            try:
+                st = os.lstat(entry)
+            except FileNotFoundError:
+                continue  # removed meanwhile (a server rotating its files)
+            if os.path.islink(entry) or not st.st_mode & 0o077:
+                continue
+            os.chmod(entry, st.st_mode & 0o700)
+            changed += 1
+    return changed
+
+
 def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
 
@@ -54,6 +95,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.is_file():
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
+            if is_private_dir(path.parent):
+                # A file written into a private folder (state/) is private too, whatever the
+                # writer (pyarrow, a plain open) created it with.
+                mode = tmp.stat().st_mode & 0o777
+                if mode & 0o077:
+                    os.chmod(tmp, mode & 0o700)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:

@@ -15,7 +15,8 @@ inner structure is part of how the adapter keeps its guarantees.
       models/<version>/, models/PRODUCTION   the registry (model.registry)
       reports/<version>/                 confusion matrices, learning curves
       runs/<run_id>/                     one build's scratch: manifest chunks, records, scores, selection
-      state/labelstudio/                 local server, credentials (0600), push ledger, pending, watermark
+      state/labelstudio/                 local server, credentials (0600), push ledger, pending, watermark,
+                                         annotators (0600), media/ (the only folder Label Studio serves)
       state/prefect/                     PREFECT_HOME of the local Prefect API the CLI starts
       state/retrain.json                 labels counted at the last retrain
       state/groups.parquet               record_id -> speaker, for the speaker-grouped holdout
@@ -76,6 +77,20 @@ class LabelStudioLayout:
     """State of the Label Studio integration (owner-only: it holds credentials)."""
 
     root: Path
+
+    @property
+    def media_root(self) -> Path:
+        """The local server's local-files document root: only validated media of pushed records.
+
+        Filled at push time (one ``affectloop-project-<id>/`` folder per project, files named
+        by content hash); nothing else ever lives here, so Label Studio can serve nothing else.
+        """
+        return self.root / "media"
+
+    @property
+    def annotators(self) -> Path:
+        """Annotator accounts this project created (email, user id, password): 0600."""
+        return self.root / "annotators.json"
 
     @property
     def server_data(self) -> Path:

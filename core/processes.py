@@ -66,14 +66,19 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def start_process_group(cmd: Sequence[str], log_path: str | os.PathLike, env: Mapping[str, str] | None = None,
-                        cwd: str | os.PathLike | None = None) -> subprocess.Popen:
-    """Start ``cmd`` in a new session (its own process group), output appended to ``log_path``."""
+                        cwd: str | os.PathLike | None = None, umask: int = -1) -> subprocess.Popen:
+    """Start ``cmd`` in a new session (its own process group), output appended to ``log_path``.
+
+    ``umask`` (e.g. ``0o077``) is set in the child only: every file the server creates
+    (its database, its logs) is then private to the owner; -1 keeps this process's umask.
+    """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # server logs may name users
     with os.fdopen(fd, "ab") as log:
         return subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
+                                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
+                                umask=umask)
 
 
 def wait_healthy(pid: int, healthy: Callable[[], bool], timeout: float, what: str = "server") -> None:

@@ -42,12 +42,23 @@ class Settings(BaseSettings):
 
     dask_address: str | None = Field(None, description="existing Dask scheduler; None starts a loopback LocalCluster")
     dask_workers: int | None = Field(None, description="LocalCluster workers; None means one per core")
+    # Dask's TLS (distributed.Security): all three together, with a tls:// dask_address.
+    dask_tls_ca_file: Path | None = Field(None, description="CA certificate that signed the scheduler's and workers' certificates")
+    dask_tls_cert: Path | None = Field(None, description="this client's certificate (PEM)")
+    dask_tls_key: Path | None = Field(None, description="this client's private key (PEM); may be inside dask_tls_cert")
 
     label_studio_url: str | None = Field(None, description="your own Label Studio; None uses the local one make installs")
     label_studio_token: SecretStr | None = Field(None, description="API token for label_studio_url")
     label_studio_port: int = Field(8089, description="port of the local Label Studio")
     label_studio_document_root: Path | None = Field(
-        None, description="your server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; the local one serves the source's parent")
+        None, description="your server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (a folder for affectloop's served media "
+                          "only); the local server's is state/labelstudio/media")
+    # NoDecode: "a@x,b@y" from the environment reaches the validator instead of a JSON parser.
+    label_studio_annotators: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="emails of annotators (besides the admin and the ones affectloop created) whose annotations "
+                        "sync accepts")
+    label_studio_allow_insecure_http: bool = Field(
+        False, description="allow sending the token over plain http:// to a host that is not loopback")
 
     annotation_budget: int = Field(100, ge=0, description="records sent to Label Studio per nightly build")
     selection_strategy: str = Field("diverse_entropy", description="model.selection strategy for the nightly build")
@@ -56,7 +67,7 @@ class Settings(BaseSettings):
                                                       "speaker on one side")
     seed: int = 13
 
-    @field_validator("labels", mode="before")
+    @field_validator("labels", "label_studio_annotators", mode="before")
     @classmethod
     def _split_labels(cls, value):
         # Accept "anger,joy,..." from the environment as well as a list.
@@ -72,6 +83,11 @@ class Settings(BaseSettings):
         if len(set(value)) != len(value):
             raise ValueError(f"duplicate labels in {value}")
         return tuple(value)
+
+    @field_validator("label_studio_annotators")
+    @classmethod
+    def _lower_emails(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(email.strip().lower() for email in value if email.strip()))
 
     @property
     def layout(self) -> DataLayout:

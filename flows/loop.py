@@ -56,7 +56,8 @@ def loop(source: str | None = None, data_root: str | None = None, rounds: int = 
                                                         settings.seed + index)
         with report.stage(f"sync (round {index})") as stage:
             synced = annotation_sync(source, data_root)
-            stage.counts = {"resolved": synced["n_resolved"], "labels": synced["n_labels_total"]}
+            stage.counts = {"resolved": synced["n_resolved"], "labels": synced["n_labels_total"],
+                            "ignored (unknown task/annotator)": synced["n_unknown_tasks"] + synced["n_unknown_annotators"]}
         with report.stage(f"retrain (round {index})") as stage:
             trained = retrain_flow(data_root, fusion=fusion, epochs=epochs)
             stage.note = trained["reason"]

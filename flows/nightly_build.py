@@ -109,7 +109,7 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
         else:
             pushed = push_to_labelstudio_task(settings, selection.selection_path, model_version=version)
             stage.counts = {"pushed": pushed.n_pushed, "already there": pushed.n_skipped_already,
-                            "pending": pushed.n_pending}
+                            "pending": pushed.n_pending, "refused (media unsafe)": pushed.n_refused}
             if pushed.error:
                 stage.note = "Label Studio unreachable: selection kept pending for the next run"
 

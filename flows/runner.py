@@ -5,7 +5,13 @@ environment's, or the ``Settings`` it was given) when the flow run first submits
 
 - ``settings.dask_address`` (``AFFECTLOOP_DASK_ADDRESS=tcp://host:8786``) set: connect to
   that scheduler; the cluster's workers must be able to import this project and read the
-  data root and the source (a shared file system).
+  data root and the source (a shared file system). A scheduler beyond loopback should be
+  reached over TLS: ``AFFECTLOOP_DASK_ADDRESS=tls://host:8786`` with
+  ``AFFECTLOOP_DASK_TLS_CA_FILE``, ``AFFECTLOOP_DASK_TLS_CERT`` and ``AFFECTLOOP_DASK_TLS_KEY``
+  (Dask's ``distributed.Security``, mutual TLS: the scheduler checks this client's
+  certificate against the CA, and the client the scheduler's). Plain ``tcp://`` to a host
+  that is not loopback still works but is logged as a warning: Dask's TCP is neither
+  encrypted nor authenticated, and whoever reaches it can run code on the workers.
 - Otherwise: a LocalCluster bound to 127.0.0.1 only (scheduler, workers, dashboard on a
   free port), ``settings.dask_workers`` worker processes (default: one per core), one
   thread each. Processes, not threads, because preprocessing is Python/NumPy code that
@@ -26,6 +32,51 @@ from prefect_dask import DaskTaskRunner
 
 from core.quiet import apply as quiet_logs
 from core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def dask_security(settings: Settings):  # noqa: ANN201 (distributed.Security or None)
+    """Dask's ``Security`` for the configured certificates; None when none are configured.
+
+    Certificates require a ``tls://`` address, and a ``tls://`` address requires them; a
+    half-configured TLS setup fails here, naming the setting, instead of falling back to
+    an unencrypted connection.
+    """
+    address = settings.dask_address or ""
+    files = {"AFFECTLOOP_DASK_TLS_CA_FILE": settings.dask_tls_ca_file,
+             "AFFECTLOOP_DASK_TLS_CERT": settings.dask_tls_cert,
+             "AFFECTLOOP_DASK_TLS_KEY": settings.dask_tls_key}
+    given = {name: path for name, path in files.items() if path is not None}
+    if not given:
+        if address.startswith("tls://"):
+            raise ValueError(f"AFFECTLOOP_DASK_ADDRESS {address} is TLS: set AFFECTLOOP_DASK_TLS_CA_FILE, "
+                             f"AFFECTLOOP_DASK_TLS_CERT and AFFECTLOOP_DASK_TLS_KEY")
+        return None
+    if not address.startswith("tls://"):
+        raise ValueError(f"Dask TLS certificates are set but AFFECTLOOP_DASK_ADDRESS is {address or 'unset'}: "
+                         f"use tls://host:port")
+    missing = [name for name in ("AFFECTLOOP_DASK_TLS_CA_FILE", "AFFECTLOOP_DASK_TLS_CERT") if name not in given]
+    if missing:
+        raise ValueError(f"Dask TLS needs {' and '.join(missing)} as well")
+    for name, path in given.items():
+        if not path.is_file():
+            raise ValueError(f"{name}: {path} is not a file")
+    from distributed.security import Security
+
+    return Security(tls_ca_file=str(settings.dask_tls_ca_file), tls_client_cert=str(settings.dask_tls_cert),
+                    tls_client_key=str(settings.dask_tls_key) if settings.dask_tls_key else None,
+                    require_encryption=True)
+
+
+def _warn_if_plain_remote(address: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme in ("tcp", "") and (parts.hostname or "") not in _LOOPBACK_NAMES:
+        log.warning("Dask scheduler %s is reached over plain TCP: unencrypted and unauthenticated. "
+                    "Use tls:// with AFFECTLOOP_DASK_TLS_CA_FILE/_CERT/_KEY", parts.hostname)
 
 
 def default_worker_count() -> int:
@@ -83,6 +134,11 @@ class AffectloopTaskRunner(DaskTaskRunner):
         if self._client is None and self._cluster is None and self.address is None:
             settings = self._settings or get_settings()
             if settings.dask_address:
+                security = dask_security(settings)
+                if security is None:
+                    _warn_if_plain_remote(settings.dask_address)
+                else:
+                    self.client_kwargs["security"] = security
                 self.address = settings.dask_address
             else:
                 _prepare_local_workers()

@@ -21,6 +21,8 @@ def annotation_sync(source: str | None = None, data_root: str | None = None) -> 
     with report.stage("sync") as stage:
         result = sync_from_labelstudio_task(settings)
         stage.counts = result.counts
+        if result.n_unknown_tasks or result.n_unknown_annotators:
+            stage.note = result.ignored_summary  # e.g. "ignored: 3 unknown tasks, 1 unknown annotator"
     report.facts.update(result.facts)
     report.outputs["labels"] = result.labels_path
     report.finish()

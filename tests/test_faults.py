@@ -269,7 +269,7 @@ def test_label_studio_killed_mid_push_then_rerun_gives_one_task_per_record(base,
     if not (LS_VENV / "bin" / "label-studio").exists():
         pytest.skip("Label Studio is not installed; run `make labelstudio-install`")
     source, _, _ = base
-    server = LocalLabelStudio(tmp_path / "ls", port=free_port(), document_root=source.parent, venv=LS_VENV)
+    server = LocalLabelStudio(tmp_path / "ls", port=free_port(), venv=LS_VENV)
     _seed_from_template(server)
     records = [json.loads(line) for line in (source / "manifest.jsonl").read_text().splitlines()]
     records = [r for r in records if not r.get("demo_defect")][:20]
@@ -281,7 +281,7 @@ def test_label_studio_killed_mid_push_then_rerun_gives_one_task_per_record(base,
     state_dir = LabelStudioLayout(tmp_path / "state")
     try:
         client = LabelStudioClient(server.start(), retry=RetryPolicy(attempts=2, base_delay_s=0.1))
-        project = ensure_project(client, DEFAULT_LABELS, source, source.parent)
+        project = ensure_project(client, DEFAULT_LABELS, source, server.document_root)
         pid = server._recorded_pid_if_ours()
         original_import = client.import_tasks
         calls = {"n": 0}

@@ -20,7 +20,7 @@ import requests
 from PIL import Image
 
 from tasks.labelstudio import push as push_module
-from tasks.labelstudio.annotator import SimulatedAnnotator
+from tasks.labelstudio.annotator import enlist
 from tasks.labelstudio.client import LabelStudioClient, RetryPolicy
 from tasks.labelstudio.project import ensure_project, project_title
 from core.layout import DataLayout, LabelStudioLayout
@@ -95,7 +95,7 @@ def _save_template(server: LocalLabelStudio) -> None:
 def label_studio(ls_root):
     if not (LS_VENV / "bin" / "label-studio").exists():
         pytest.skip("Label Studio is not installed; run `make labelstudio-install`")
-    server = LocalLabelStudio(ls_root / "data", port=free_port(), document_root=ls_root, venv=LS_VENV)
+    server = LocalLabelStudio(ls_root / "data", port=free_port(), venv=LS_VENV)
     seeded = _seed_from_template(server)
     server.start()
     if not seeded:
@@ -108,6 +108,18 @@ def label_studio(ls_root):
 @pytest.fixture()
 def client(label_studio) -> LabelStudioClient:
     return LabelStudioClient(label_studio.credentials(), retry=RetryPolicy(attempts=3, base_delay_s=0.2))
+
+
+@pytest.fixture()
+def doc_root(label_studio) -> Path:
+    """The local server's local-files document root (only published media live there)."""
+    return label_studio.document_root
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _selection(n: int, prefix: str = "r") -> pa.Table:
@@ -138,24 +150,26 @@ def test_server_started_on_loopback_with_private_credentials(label_studio, ls_ro
         LocalLabelStudio(ls_root / "other", port=label_studio.port, venv=LS_VENV).start()
 
 
-def test_bootstrap_twice_gives_one_project_and_serves_media(client, ls_root, label_studio):
+def test_bootstrap_twice_gives_one_project_and_serves_media(client, ls_root, label_studio, doc_root, tmp_path):
     labels = _labels("boot")
-    first = ensure_project(client, labels, ls_root / "source", ls_root)
-    second = ensure_project(client, labels, ls_root / "source", ls_root)
+    first = ensure_project(client, labels, ls_root / "source", doc_root)
+    second = ensure_project(client, labels, ls_root / "source", doc_root)
     assert first.created and not second.created
     assert first.project_id == second.project_id and first.storage_id == second.storage_id
     assert len(client.find_projects(project_title(labels))) == 1
-    assert len(client.local_storages(first.project_id)) == 1
-    # The media URL a task carries is served by Label Studio from the source.
-    url = label_studio.url + first.media_url("media/face.png")
-    response = requests.get(url, headers={"Authorization": f"Token {client.credentials.token.get_secret_value()}"},
-                            timeout=10)
+    (storage,) = client.local_storages(first.project_id)
+    assert Path(storage["path"]) == first.media_dir  # the published-media folder, not the source
+    # The media URL a pushed task carries is served by Label Studio, with the source file's bytes.
+    push_selection(client, first, _selection(1, prefix="boot"), LabelStudioLayout(tmp_path))
+    (task,) = client.iter_tasks(first.project_id)
+    response = requests.get(label_studio.url + task["data"]["image"], timeout=10,
+                            headers={"Authorization": f"Token {client.credentials.token.get_secret_value()}"})
     assert response.status_code == 200
     assert response.content == (ls_root / "source" / "media" / "face.png").read_bytes()
 
 
-def test_push_twice_gives_no_duplicate_tasks(client, ls_root, tmp_path):
-    project = ensure_project(client, _labels("push"), ls_root / "source", ls_root)
+def test_push_twice_gives_no_duplicate_tasks(client, ls_root, doc_root, tmp_path):
+    project = ensure_project(client, _labels("push"), ls_root / "source", doc_root)
     first = push_selection(client, project, _selection(7), LabelStudioLayout(tmp_path), batch_size=3)
     assert (first.n_pushed, first.n_pending, first.n_skipped_already) == (7, 0, 0)
     # Rerun with an overlapping selection: only the new record is sent.
@@ -167,11 +181,13 @@ def test_push_twice_gives_no_duplicate_tasks(client, ls_root, tmp_path):
     task = client.sdk.tasks.get(id=str(read_ledger(LabelStudioLayout(tmp_path)).column("task_id")[0].as_py()))
     (prediction,) = task.predictions
     assert prediction.model_version == "test-v1" and prediction.result[0]["value"] == {"choices": ["joy"]}
-    assert task.data["image"].startswith("/data/local-files/?d=source/media/face.png")
+    face = _sha256(ls_root / "source" / "media" / "face.png")
+    assert task.data["image"] == f"/data/local-files/?d=affectloop-project-{project.project_id}/{face}.png"
 
 
-def test_crash_between_import_and_ledger_write_then_rerun_gives_no_duplicates(client, ls_root, tmp_path, monkeypatch):
-    project = ensure_project(client, _labels("crash"), ls_root / "source", ls_root)
+def test_crash_between_import_and_ledger_write_then_rerun_gives_no_duplicates(client, ls_root, doc_root, tmp_path,
+                                                                             monkeypatch):
+    project = ensure_project(client, _labels("crash"), ls_root / "source", doc_root)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed after the import, before the ledger write")
@@ -189,8 +205,8 @@ def test_crash_between_import_and_ledger_write_then_rerun_gives_no_duplicates(cl
     assert len(ids) == len(set(ids)) == 6
 
 
-def test_server_stopped_mid_push_next_run_completes(client, label_studio, ls_root, tmp_path):
-    project = ensure_project(client, _labels("outage"), ls_root / "source", ls_root)
+def test_server_stopped_mid_push_next_run_completes(client, label_studio, ls_root, doc_root, tmp_path):
+    project = ensure_project(client, _labels("outage"), ls_root / "source", doc_root)
     quick = LabelStudioClient(label_studio.credentials(), retry=RetryPolicy(attempts=2, base_delay_s=0.1))
 
     def stop_after_first_batch(index: int, n_tasks: int) -> None:
@@ -217,10 +233,11 @@ def test_server_stopped_mid_push_next_run_completes(client, label_studio, ls_roo
 
 
 def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreement(client, label_studio, ls_root,
-                                                                                  tmp_path):
+                                                                                  doc_root, tmp_path):
     labels = _labels("team")
-    project = ensure_project(client, labels, ls_root / "source", ls_root, annotations_per_task=3)
-    push_selection(client, project, _selection(5), LabelStudioLayout(tmp_path))
+    project = ensure_project(client, labels, ls_root / "source", doc_root, annotations_per_task=3)
+    state_dir = LabelStudioLayout(tmp_path / "state")  # ledger, enlisted annotators, watermark
+    push_selection(client, project, _selection(5), state_dir)
     # What each annotator answers (a missing record: that annotator presses Skip).
     answers = {
         "ann1": {"r0": "joy", "r1": "anger-team", "r2": "fear", "r4": "sadness"},
@@ -228,11 +245,11 @@ def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreemen
         "ann3": {"r0": "joy", "r1": "fear", "r2": "neutral", "r3": "joy"},
     }
     for name, gold in answers.items():
-        annotator = SimulatedAnnotator(label_studio.url, f"{name}@team.test", "pw-" + name * 3, labels, gold)
-        stats = annotator.login().annotate_pending(project.project_id)
+        annotator = enlist(client, state_dir, f"{name}@team.test", labels, gold)
+        stats = annotator.annotate_pending(project.project_id)
         assert stats.annotated == len(gold) and stats.skipped == 5 - len(gold)
 
-    labels_path, state_dir = tmp_path / "labels" / "annotations.parquet", LabelStudioLayout(tmp_path / "state")
+    labels_path = tmp_path / "labels" / "annotations.parquet"
     result = sync_annotations(client, project, labels_path, state_dir)
     # By hand: r0 joy 3/3; r1 anger 2/3; r2 fear/sadness/neutral tie; r3 joy 2/2 (ann1 skipped);
     # r4 sadness/anger tie (ann3 skipped). Krippendorff's alpha over the 13 pairable values:
@@ -249,9 +266,9 @@ def test_three_annotators_who_disagree_give_hand_computed_consensus_and_agreemen
     # Incremental: nothing new, nothing changes. One more vote breaks the r4 tie.
     again = sync_annotations(client, project, labels_path, state_dir)
     assert again.n_tasks_changed == 0 and again.n_labels_total == 3
-    task_id = next(r["task_id"] for r in read_ledger(LabelStudioLayout(tmp_path)).to_pylist() if r["record_id"] == "r4")
-    fourth = SimulatedAnnotator(label_studio.url, "ann4@team.test", "pw-ann4ann4", labels, {})
-    fourth.login().annotate(task_id, project.project_id, "sadness")
+    task_id = next(r["task_id"] for r in read_ledger(state_dir).to_pylist() if r["record_id"] == "r4")
+    fourth = enlist(client, state_dir, "ann4@team.test", labels, {})
+    fourth.annotate(task_id, project.project_id, "sadness")
     third = sync_annotations(client, project, labels_path, state_dir)
     assert third.n_tasks_changed == 1 and third.n_labels_total == 4
     r4 = next(r for r in pq.read_table(labels_path).to_pylist() if r["record_id"] == "r4")
@@ -280,7 +297,7 @@ def test_flow_level_push_keeps_selection_pending_while_unreachable_then_pushes_i
     from tasks.labelstudio.resource import push_to_labelstudio, sync_from_labelstudio
 
     token = label_studio.credentials().token
-    monkeypatch.setenv("AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT", str(ls_root))
+    monkeypatch.setenv("AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT", str(label_studio.document_root))
     labels = ",".join(_labels("flow"))
     down = get_settings(data_root=tmp_path, labels=labels, label_studio_url=f"http://127.0.0.1:{free_port()}",
                         label_studio_token=token, source=str(ls_root / "source"))
@@ -299,18 +316,169 @@ def test_flow_level_push_keeps_selection_pending_while_unreachable_then_pushes_i
     assert "Krippendorff" in synced.markdown()
 
 
-def test_simulated_team_with_error_rate_one_never_answers_gold(client, label_studio, ls_root, tmp_path):
+def test_simulated_team_with_error_rate_one_never_answers_gold(client, label_studio, ls_root, doc_root, tmp_path):
     from tasks.labelstudio.annotator import annotate_with_team
 
     labels = _labels("noisy")
-    project = ensure_project(client, labels, ls_root / "source", ls_root)
-    push_selection(client, project, _selection(4), LabelStudioLayout(tmp_path))
+    project = ensure_project(client, labels, ls_root / "source", doc_root)
+    state_dir = LabelStudioLayout(tmp_path / "state")
+    push_selection(client, project, _selection(4), state_dir)
     gold = {f"r{i}": labels[i] for i in range(4)}
-    (first, second) = annotate_with_team(label_studio.url, project.project_id, labels, gold, n_annotators=2,
+    (first, second) = annotate_with_team(client, project.project_id, labels, gold, state_dir, n_annotators=2,
                                          error_rate=1.0, seed=5, domain="noisy.test")
     assert (first.annotated, first.correct) == (4, 0)
     assert second.annotated == 0  # one annotation per task: the stream is empty for the second
-    result = sync_annotations(client, project, tmp_path / "labels" / "annotations.parquet",
-                              LabelStudioLayout(tmp_path / "state"))
+    result = sync_annotations(client, project, tmp_path / "labels" / "annotations.parquet", state_dir)
     rows = pq.read_table(tmp_path / "labels" / "annotations.parquet").to_pylist()
     assert result.n_resolved == 4 and all(row["label"] != gold[row["record_id"]] for row in rows)
+
+
+# ---------------------------------------------------------------------------------- issue #14: the attacks, refused
+
+
+def _signup(base_url: str, path: str, email: str, password: str) -> requests.Response:
+    """A browser's signup: CSRF cookie from a GET of the page, then the form post."""
+    session = requests.Session()
+    session.get(base_url + path, timeout=30)
+    token = session.cookies.get("csrftoken", "")
+    return session.post(base_url + path, timeout=30, allow_redirects=False, headers={"Referer": base_url + path},
+                        data={"csrfmiddlewaretoken": token, "email": email, "password": password,
+                              "allow_newsletters": "false"})
+
+
+def test_signup_without_an_invite_is_refused_and_only_loopback_host_names_are_served(label_studio, client):
+    email = "stranger@outside.test"
+    refused = _signup(label_studio.url, "/user/signup/", email, "a-long-enough-password-1")
+    assert refused.status_code == 403
+    assert email not in client.user_emails().values()
+    # A wrong invite token is refused too.
+    assert _signup(label_studio.url, "/user/signup/?token=not-the-token", email, "a-long-enough-password-1"
+                   ).status_code == 403
+    assert email not in client.user_emails().values()
+    # The invite link works (that is how the project's annotators are made).
+    invited = _signup(label_studio.url, client.invite_path(), "invited@outside.test", "a-long-enough-password-2")
+    assert invited.status_code == 302 and "invited@outside.test" in client.user_emails().values()
+    # ALLOWED_HOSTS: a request naming another host (DNS rebinding) is refused.
+    assert requests.get(label_studio.url + "/user/login/", headers={"Host": "evil.example"}, timeout=10
+                        ).status_code == 400
+
+
+def test_local_files_serve_no_symlink_target_no_rejected_file_and_no_manifest(client, label_studio, doc_root,
+                                                                             tmp_path, media):
+    source = tmp_path / "src"
+    good = media.image(source / "media" / "ok.png", seed=7)
+    (source / "media" / "link.jpg").symlink_to("/etc/hostname")  # ingest: unsafe_path
+    (source / "media" / "rejected.png").write_bytes(b"not a png at all")  # ingest: format_mismatch
+    (source / "manifest.jsonl").write_text('{"record_id": "m0", "image": "media/ok.png", "label": "joy"}\n'
+                                           '{"record_id": "m1", "image": "media/link.jpg", "label": "fear"}\n')
+    project = ensure_project(client, _labels("files"), source, doc_root)
+    selection = pa.table({"record_id": ["m0", "m1"], "text": ["a", "b"], "image": ["media/ok.png", "media/link.jpg"]})
+    pushed = push_selection(client, project, selection, LabelStudioLayout(tmp_path / "state"))
+    assert (pushed.n_pushed, pushed.n_refused) == (1, 1)  # the symlink out of the source is never published
+    (task,) = client.iter_tasks(project.project_id)
+    headers = {"Authorization": f"Token {client.credentials.token.get_secret_value()}"}
+
+    def fetch(d: str) -> requests.Response:
+        return requests.get(f"{label_studio.url}/data/local-files/", params={"d": d}, headers=headers, timeout=10)
+
+    assert fetch(task["data"]["image"].split("?d=", 1)[1]).content == good.read_bytes()  # what was pushed: served
+    secret = Path("/etc/hostname").read_bytes()
+    manifest = (source / "manifest.jsonl").read_bytes()
+    outside = os.path.relpath(source, doc_root)
+    for attempt in (f"{outside}/media/link.jpg", f"{outside}/media/rejected.png", f"{outside}/manifest.jsonl",
+                    f"{source.name}/manifest.jsonl", str(source / "manifest.jsonl"), "/etc/hostname",
+                    f"affectloop-project-{project.project_id}/../../../../../etc/hostname",
+                    f"affectloop-project-{project.project_id}/link.jpg"):
+        response = fetch(attempt)
+        assert response.status_code != 200, attempt
+        assert secret not in response.content and b"record_id" not in response.content, attempt
+    # Nor can the source be registered as a storage: the document root holds only published media.
+    with pytest.raises(LabelStudioError):
+        client.create_local_storage(project.project_id, str(source), title="the raw source")
+    assert manifest  # (the manifest exists, it is just not reachable)
+    # The project's media folder holds regular files named by content hash, and nothing else.
+    entries = list(project.media_dir.iterdir())
+    assert [e.name for e in entries] == [f"{_sha256(good)}.png"]
+    assert all(e.is_file() and not e.is_symlink() for e in entries)
+
+
+def test_sync_ignores_tasks_outside_the_push_and_annotations_by_non_members(client, label_studio, ls_root, doc_root,
+                                                                           tmp_path):
+    labels = _labels("inject")
+    project = ensure_project(client, labels, ls_root / "source", doc_root, annotations_per_task=2)
+    state = LabelStudioLayout(tmp_path / "state")
+    push_selection(client, project, _selection(2, prefix="i"), state)
+    member = enlist(client, state, "member@inject.test", labels, {"i0": "joy", "i1": "joy"})
+    assert member.annotate_pending(project.project_id).annotated == 2
+    # An org member the project never enlisted and nobody allowed: annotates a real task.
+    outsider_email = "outsider@inject.test"
+    assert _signup(label_studio.url, client.invite_path(), outsider_email, "outsider-password-123").status_code == 302
+    from tasks.labelstudio.annotator import SimulatedAnnotator
+
+    outsider = SimulatedAnnotator(label_studio.url, outsider_email, "outsider-password-123", labels,
+                                  {"i1": "fear"}).login()
+    done = outsider.annotate_pending(project.project_id)
+    assert (done.annotated, done.skipped) == (1, 1)  # fear on i1, a skip on i0
+    # Tasks created on the server outside the push, annotated: one names a real record, one a made-up one.
+    result = [{"from_name": "emotion", "to_name": "text", "type": "choices", "value": {"choices": ["sadness"]}}]
+    client.import_tasks(project.project_id, [
+        {"data": {"record_id": rid, "text": "injected", "image": "", "audio": ""}, "annotations": [{"result": result}]}
+        for rid in ("i0", "ghost-1")
+    ])
+
+    labels_path = tmp_path / "labels" / "annotations.parquet"
+    synced = sync_annotations(client, project, labels_path, state)
+    rows = {r["record_id"]: (r["label"], r["annotators"]) for r in pq.read_table(labels_path).to_pylist()}
+    assert rows == {"i0": ("joy", 1), "i1": ("joy", 1)}  # only the member's votes; no ghost, no sadness
+    assert (synced.n_unknown_tasks, synced.n_unknown_annotators, synced.n_unknown_annotator_annotations) == (2, 1, 2)
+    assert synced.ignored_summary == "ignored: 2 unknown tasks, 1 unknown annotator (2 annotations)"
+    assert synced.ignored_summary in synced.markdown()
+    assert outsider_email not in synced.annotations_per_annotator
+
+    # The allow-list (AFFECTLOOP_LABEL_STUDIO_ANNOTATORS) makes the outsider a member; injected tasks stay out.
+    state.watermark.unlink()
+    again = sync_annotations(client, project, labels_path, state, allowed_annotators=[outsider_email.upper()])
+    rows = {r["record_id"]: (r["label"], r["annotators"]) for r in pq.read_table(labels_path).to_pylist()}
+    assert rows == {"i0": ("joy", 1)}  # i1 is now joy against the outsider's fear: a tie, unresolved
+    assert (again.n_ties, again.n_unknown_tasks, again.n_unknown_annotators) == (1, 2, 0)
+
+
+def test_done_tasks_media_are_removed_from_the_served_folder(client, label_studio, ls_root, doc_root, tmp_path):
+    labels = _labels("prune")
+    project = ensure_project(client, labels, ls_root / "source", doc_root)
+    state = LabelStudioLayout(tmp_path / "state")
+    push_selection(client, project, _selection(2, prefix="p"), state)  # same face, one clip: 2 files
+    assert len(list(project.media_dir.iterdir())) == 2
+    enlist(client, state, "pruner@prune.test", labels, {"p0": "joy"}).annotate_pending(project.project_id, limit=1)
+    first = sync_annotations(client, project, tmp_path / "labels.parquet", state)
+    assert first.n_media_pruned == 1  # p0 is done: its clip goes; the face is still needed by p1
+    assert [p.suffix for p in project.media_dir.iterdir()] == [".png"]
+    enlist(client, state, "pruner@prune.test", labels, {"p1": "joy"}).annotate_pending(project.project_id)
+    assert sync_annotations(client, project, tmp_path / "labels.parquet", state).n_media_pruned == 1
+    assert list(project.media_dir.iterdir()) == []
+
+
+def test_state_and_label_studio_data_are_owner_only_and_the_token_is_not_in_the_server_environment(label_studio,
+                                                                                                  ls_root):
+    label_studio.stop()
+    label_studio.start()  # a restart: the admin exists, so no password or token is handed to the server
+    token = label_studio.credentials().token.get_secret_value().encode()
+    pid = label_studio.status()["pid"]
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert token not in environ and b"LABEL_STUDIO_PASSWORD" not in environ
+    assert b"LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK=true" in environ
+    state = ls_root / "data" / "state"
+    database = label_studio.server_dir / "label_studio.sqlite3"
+    assert database.is_file() and stat.S_IMODE(database.stat().st_mode) == 0o600
+    checked = 0
+    for path in [state, *state.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if path.is_dir():
+            assert mode == 0o700, (path, oct(mode))
+        else:
+            assert mode & 0o077 == 0, (path, oct(mode))
+        checked += 1
+    names = {p.name for p in state.rglob("*")}
+    assert {"credentials.json", "server.log", "label_studio.sqlite3", "media", "server"} <= names and checked > 6

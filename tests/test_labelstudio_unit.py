@@ -59,10 +59,11 @@ def test_task_payload_carries_record_media_urls_and_prediction(tmp_path):
     project = _project(tmp_path)
     row = {"record_id": "r:1", "text": "so happy", "image": "faces/a b.png", "audio": None,
            "predicted_label": "joy", "confidence": 0.42, "model_version": "v3"}
-    payload = task_payload(row, project)
+    served = {"image": "ab" * 32 + ".png", "audio": None}  # the published copy, named by content hash
+    payload = task_payload(row, project, served)
     assert payload["data"]["record_id"] == "r:1"
     assert payload["data"]["text"] == "so happy"
-    assert payload["data"]["image"] == "/data/local-files/?d=source/faces/a%20b.png"
+    assert payload["data"]["image"] == "/data/local-files/?d=affectloop-project-7/" + "ab" * 32 + ".png"
     assert payload["data"]["audio"] == ""  # no clip: nothing to play
     assert payload["data"]["has_audio"] is False
     (prediction,) = payload["predictions"]
@@ -176,13 +177,13 @@ def test_environment_credentials_win_and_the_token_never_shows(tmp_path):
     path = DataLayout(tmp_path).labelstudio.credentials
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"url": "http://127.0.0.1:1", "token": file_token}))
-    from_env = resolve_credentials(tmp_path, url="http://ls.example:8080/", token=SecretStr(token))
-    assert from_env.url == "http://ls.example:8080" and from_env.source == "environment"
+    from_env = resolve_credentials(tmp_path, url="https://ls.example:8080/", token=SecretStr(token))
+    assert from_env.url == "https://ls.example:8080" and from_env.source == "environment"
     assert token not in repr(from_env) and token not in str(from_env)
     from_file = resolve_credentials(tmp_path)
     assert from_file.token.get_secret_value() == file_token and file_token not in repr(from_file)
     with pytest.raises(LabelStudioError, match="AFFECTLOOP_LABEL_STUDIO_TOKEN"):
-        resolve_credentials(tmp_path, url="http://ls.example:8080", token=None)
+        resolve_credentials(tmp_path, url="https://ls.example:8080", token=None)
     with pytest.raises(LabelStudioError, match="AFFECTLOOP_LABEL_STUDIO_URL"):
         resolve_credentials(tmp_path / "nowhere")
 

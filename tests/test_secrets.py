@@ -91,7 +91,7 @@ def test_token_appears_only_in_the_private_credentials_file(tmp_path, prefect_ap
         monkeypatch.delenv(name, raising=False)
     # The local server the flow will start; seeded with a migrated database when the Label Studio
     # tests saved one (a few seconds instead of minutes of migrations).
-    server = LocalLabelStudio(data_root, port=port, document_root=source.parent, venv=LS_VENV)
+    server = LocalLabelStudio(data_root, port=port, venv=LS_VENV)
     _seed_from_template(server)
 
     errors: list[str] = []
@@ -108,8 +108,12 @@ def test_token_appears_only_in_the_private_credentials_file(tmp_path, prefect_ap
         assert ledger.num_rows == 4  # really pushed
         truth = {json.loads(line)["record_id"]: json.loads(line)["true_label"]
                  for line in (source / "manifest.jsonl").read_text().splitlines()}
-        (stats,) = annotate_with_team(server.url, ledger["project_id"][0].as_py(), settings.labels, truth,
-                                      n_annotators=1, error_rate=0.0)
+        from tasks.labelstudio.client import LabelStudioClient
+        from tasks.labelstudio.server import resolve_credentials
+
+        (stats,) = annotate_with_team(LabelStudioClient(resolve_credentials(data_root)), ledger["project_id"][0].as_py(),
+                                      settings.labels, truth, DataLayout(data_root).labelstudio, n_annotators=1,
+                                      error_rate=0.0)
         assert stats.annotated == 4
         synced = annotation_sync(source=str(source), data_root=str(data_root), return_state=True)
         assert synced.is_completed(), synced.message

@@ -1,23 +1,35 @@
 """A simulated annotator that works Label Studio the way a person's browser does.
 
-It signs up through ``/user/signup/`` (so the account can log in on the web page, unlike
+It signs up through the organization's invite link, ``/user/signup/?token=…`` (signup
+without it is closed; an account made that way can log in on the web page, unlike
 API-created users), logs in with a form post (CSRF cookie + session), takes tasks from the
 labeling stream (``GET /api/projects/<id>/next/``) and submits through
 ``POST /api/tasks/<id>/annotations/``. It answers the gold label, except with probability
 ``error_rate`` another label at random (seeded, so runs are reproducible). A record it has
 no gold label for is skipped, as a person would press "Skip".
+
+``enlist`` creates (or reuses) such an account with a random password and records it in
+``state/labelstudio/annotators.json`` (0600, like the admin's credentials): email, password
+and user id. Sync accepts annotations only from the admin, these recorded annotators and the
+emails of ``AFFECTLOOP_LABEL_STUDIO_ANNOTATORS``.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import secrets
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import requests
 
+from core.io import atomic_write_json, read_json
+from core.layout import LabelStudioLayout
 from tasks.labelstudio.project import FROM_NAME, TO_NAME
+
+if TYPE_CHECKING:
+    from tasks.labelstudio.client import LabelStudioClient
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +83,14 @@ class SimulatedAnnotator:
         response = self.session.get(f"{self.base_url}/api/current-user/whoami", timeout=self.timeout_s)
         return response.json() if response.status_code == 200 else None
 
-    def login(self) -> "SimulatedAnnotator":
-        """Log in (signing up first if the account does not exist yet)."""
+    def login(self, invite_path: str | None = None) -> "SimulatedAnnotator":
+        """Log in (signing up through ``invite_path``, ``/user/signup/?token=…``, if the account is new)."""
         response = self._form_post("/user/login/", {"email": self.email, "password": self._password})
         user = self._whoami() if response.status_code == 302 else None
         if user is None:
             self.session.cookies.clear()
-            response = self._form_post("/user/signup/", {"email": self.email, "password": self._password,
-                                                          "allow_newsletters": "false"})
+            response = self._form_post(invite_path or "/user/signup/",
+                                       {"email": self.email, "password": self._password, "allow_newsletters": "false"})
             user = self._whoami() if response.status_code == 302 else None
             if user is None:
                 raise AnnotatorError(f"could not sign up or log in {self.email} "
@@ -147,14 +159,42 @@ class SimulatedAnnotator:
         return stats
 
 
-def annotate_with_team(base_url: str, project_id: int, labels: Sequence[str], gold: Mapping[str, str],
-                       n_annotators: int = 1, error_rate: float = 0.1, seed: int = 0,
-                       password: str = "simulated-annotator-pw", domain: str = "annotators.affectloop.local"
-                       ) -> list[AnnotationStats]:
+def recorded_annotators(state: LabelStudioLayout) -> dict[str, dict]:
+    """email -> {password, user_id, url} of the accounts ``enlist`` created (state, 0600)."""
+    return dict((read_json(state.annotators, default={}) or {}).get("annotators", {}))
+
+
+def enlist(client: "LabelStudioClient", state: LabelStudioLayout, email: str, labels: Sequence[str],
+           gold: Mapping[str, str], error_rate: float = 0.0, seed: int = 0) -> SimulatedAnnotator:
+    """A logged-in annotator account the project created: invited, random password, recorded in state."""
+    email = email.strip().lower()
+    known = recorded_annotators(state)
+    entry = known.get(email)
+    if entry is None or entry.get("url") != client.url:
+        # Recorded before the signup: a crash in between leaves a password we still know.
+        entry = {"password": secrets.token_urlsafe(18), "user_id": None, "url": client.url}
+        known[email] = entry
+        _save_annotators(state, known)
+    annotator = SimulatedAnnotator(client.url, email, entry["password"], labels, gold, error_rate=error_rate, seed=seed)
+    annotator.login(invite_path=client.invite_path())
+    if entry.get("user_id") != annotator.user_id:
+        known[email] = {**entry, "user_id": annotator.user_id}
+        _save_annotators(state, known)
+    return annotator
+
+
+def _save_annotators(state: LabelStudioLayout, annotators: Mapping[str, dict]) -> None:
+    state.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write_json(state.annotators, {"annotators": dict(annotators)}, mode=0o600)
+
+
+def annotate_with_team(client: "LabelStudioClient", project_id: int, labels: Sequence[str], gold: Mapping[str, str],
+                       state: LabelStudioLayout, n_annotators: int = 1, error_rate: float = 0.1, seed: int = 0,
+                       domain: str = "annotators.affectloop.local") -> list[AnnotationStats]:
     """Several simulated annotators (ann1@…, ann2@…) each work through the project's stream."""
     results = []
     for i in range(1, n_annotators + 1):
-        annotator = SimulatedAnnotator(base_url, f"ann{i}@{domain}", password, labels, gold,
-                                       error_rate=error_rate, seed=seed * 1000 + i)
-        results.append(annotator.login().annotate_pending(project_id))
+        annotator = enlist(client, state, f"ann{i}@{domain}", labels, gold, error_rate=error_rate,
+                           seed=seed * 1000 + i)
+        results.append(annotator.annotate_pending(project_id))
     return results

@@ -150,9 +150,21 @@ class LabelStudioClient:
     def create_local_storage(self, project_id: int, path: str, title: str) -> int:
         storage = self.call("create local storage", lambda: self.sdk.import_storage.local.create(
             project=project_id, path=path, title=title, use_blob_urls=False, recursive_scan=False,
-            description="media served from the raw source; tasks reference files by /data/local-files/?d="),
+            description="validated media of pushed records only (published by affectloop)"),
             idempotent=False)
         return int(storage.id)
+
+    def delete_local_storage(self, storage_id: int) -> None:
+        self.call("delete local storage", lambda: self.sdk.import_storage.local.delete(id=storage_id))
+
+    # ------------------------------------------------------------------ organization
+    def invite_path(self) -> str:
+        """The organization's invite link (``/user/signup/?token=…``): the only way to sign up."""
+        body = self.call("get invite link", lambda: self._get_json("api/invite", {}))
+        path = body.get("invite_url") if isinstance(body, dict) else None
+        if not path or "token=" not in path:
+            raise LabelStudioError("Label Studio returned no invite link for the organization")
+        return path
 
     # ------------------------------------------------------------------ tasks
     def import_tasks(self, project_id: int, tasks: list[dict[str, Any]]) -> list[int]:

@@ -3,9 +3,11 @@
 The labeling config is generated from the label set: the face (Image), the utterance
 (Text) and a waveform (Audio) side by side, and one single-choice ``Choices`` control with
 hotkeys 1..9 in label order. The project title carries a short hash of the label set, so a
-rerun finds the same project, and another label set gets another project. A local-files
-import storage is registered for the raw source, so media are served by Label Studio from
-``/data/local-files/?d=<path relative to the document root>``.
+rerun finds the same project, and another label set gets another project. One local-files
+import storage is registered, on the project's published-media folder
+(``<document root>/affectloop-project-<id>/``, see ``tasks.labelstudio.media``) and on
+nothing else: any other local storage of the project (older versions registered the raw
+source) is removed. Media are served from ``/data/local-files/?d=affectloop-project-<id>/<sha256><ext>``.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 
+from core.io import ensure_private_dir, is_private_dir
 from tasks.labelstudio.client import LabelStudioClient
+from tasks.labelstudio.media import media_dir, served_url
 from tasks.labelstudio.server import LabelStudioError
 
 FROM_NAME = "emotion"  # the Choices control
@@ -86,36 +90,45 @@ class LabelStudioProject:
     project_id: int
     title: str
     labels: tuple[str, ...]
-    source_root: str  # absolute path of the raw source
-    document_root: str  # Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT
+    source_root: str  # absolute path of the raw source (media are resolved inside it, never served from it)
+    document_root: str | None  # Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; None: no media served
     storage_id: int | None
     created: bool
+    annotations_per_task: int = 1
 
-    def media_url(self, relative_path: str | None) -> str | None:
-        """The URL Label Studio serves a source-relative media file from, or None when absent."""
-        if not relative_path:
+    @property
+    def media_dir(self) -> Path | None:
+        """The folder push publishes this project's media into (the project's only storage)."""
+        return media_dir(self.document_root, self.project_id) if self.document_root else None
+
+    def media_url(self, served_name: str | None) -> str | None:
+        """The URL Label Studio serves a published media file from, or None when absent."""
+        if not served_name:
             return None
-        # normpath folds "..": a path that climbs out of the document root is refused below.
-        absolute = Path(os.path.normpath(Path(self.source_root) / PurePosixPath(relative_path)))
         try:
-            under_root = absolute.relative_to(self.document_root)
-        except ValueError:
-            raise LabelStudioError(f"{absolute} is outside Label Studio's document root {self.document_root}") from None
-        return "/data/local-files/?d=" + quote(under_root.as_posix(), safe="/")
+            return served_url(self.project_id, served_name)
+        except ValueError as exc:
+            raise LabelStudioError(str(exc)) from None
 
 
 def ensure_project(client: LabelStudioClient, labels: Sequence[str], source_root: str | os.PathLike,
-                   document_root: str | os.PathLike | None = None, annotations_per_task: int = 1) -> LabelStudioProject:
+                   document_root: str | os.PathLike | None = None,
+                   annotations_per_task: int | None = 1) -> LabelStudioProject:
     """Find or create the project for ``labels``; make its config, overlap and storage current.
 
-    ``document_root`` is the server's local-files document root (the local server's, by
-    default the source root itself). Safe to call on every run.
+    ``document_root`` is the server's local-files document root (the local server's is
+    ``state/labelstudio/media``); None serves no media. It must not contain the source: any
+    project member can register a storage anywhere under it. ``annotations_per_task`` None
+    keeps the project's current overlap (1 for a new project). Safe to call on every run.
     """
     labels = tuple(labels)
     source = Path(source_root).resolve()
-    doc_root = Path(document_root).resolve() if document_root else source
-    if source != doc_root and doc_root not in source.parents:
-        raise LabelStudioError(f"source root {source} is not under Label Studio's document root {doc_root}")
+    doc_root = Path(document_root).resolve() if document_root else None
+    if doc_root is not None and (source == doc_root or doc_root in source.parents):
+        raise LabelStudioError(
+            f"Label Studio's document root {doc_root} contains the source {source}: the server could be made to "
+            f"serve its manifest and rejected files. Give the server a document root of its own (for your own "
+            f"server: its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT and AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT)")
     title = project_title(labels)
     config = labeling_config(labels)
     description = f"affectloop labels: {', '.join(labels)} (config v{CONFIG_VERSION})"
@@ -128,23 +141,40 @@ def ensure_project(client: LabelStudioClient, labels: Sequence[str], source_root
         changes: dict[str, object] = {}
         if (project.get("label_config") or "").strip() != config.strip():
             changes["label_config"] = config
-        if project.get("maximum_annotations") != annotations_per_task:
+        if annotations_per_task is None:
+            annotations_per_task = int(project.get("maximum_annotations") or 1)
+        elif project.get("maximum_annotations") != annotations_per_task:
             changes["maximum_annotations"] = annotations_per_task
         if changes:
             client.update_project(project_id, **changes)
     else:
+        annotations_per_task = annotations_per_task or 1
         project_id = client.create_project(title, config, description=description,
                                            maximum_annotations=annotations_per_task)
         created = True
 
-    storage_id = _ensure_local_storage(client, project_id, source)
+    storage_id = None
+    if doc_root is not None:
+        folder = media_dir(doc_root, project_id)
+        if is_private_dir(doc_root):
+            ensure_private_dir(folder)  # the local server: same user, owner-only
+        else:
+            folder.mkdir(parents=True, exist_ok=True)  # your server may run as another user
+    storage_id = _ensure_local_storage(client, project_id, media_dir(doc_root, project_id) if doc_root else None)
     return LabelStudioProject(project_id=project_id, title=title, labels=labels, source_root=str(source),
-                              document_root=str(doc_root), storage_id=storage_id, created=created)
+                              document_root=str(doc_root) if doc_root else None, storage_id=storage_id,
+                              created=created, annotations_per_task=annotations_per_task)
 
 
-def _ensure_local_storage(client: LabelStudioClient, project_id: int, source: Path) -> int:
-    """Register the source folder as a local-files storage (once) so its media can be served."""
+def _ensure_local_storage(client: LabelStudioClient, project_id: int, folder: Path | None) -> int | None:
+    """The project's one local-files storage, on its media folder; every other one is removed."""
+    found: int | None = None
     for storage in client.local_storages(project_id):
-        if Path(storage["path"] or "").resolve() == source:
-            return int(storage["id"])
-    return client.create_local_storage(project_id, str(source), title="affectloop source")
+        if folder is not None and found is None and Path(storage["path"] or "").resolve() == folder.resolve():
+            found = int(storage["id"])
+        else:
+            # E.g. the raw source, registered by earlier versions: it served the manifest too.
+            client.delete_local_storage(int(storage["id"]))
+    if found is None and folder is not None:
+        found = client.create_local_storage(project_id, str(folder), title="affectloop media")
+    return found

@@ -10,6 +10,12 @@ Exactly once rests on two things:
 When Label Studio is down (after the client's retries) the records not yet sent stay in
 ``state/labelstudio/pending.parquet``; the next push sends them first. A push never raises
 for an unreachable server: the nightly build still writes its scores.
+
+Media: a task never points into the raw source. Each image and clip of a record being sent
+is published first into the project's media folder (``tasks.labelstudio.media``: resolved
+with ingest's rules, named by content hash, hard link or copy), and the task URL names that
+file. A record whose media can no longer be published safely (the source changed since
+ingest: a symlink out of the root, a file gone) is not sent, counted as ``n_refused``.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,8 +38,10 @@ from core.io import write_parquet
 from core.layout import LabelStudioLayout
 from core.schemas import UTC_TS
 from tasks.labelstudio.client import LabelStudioClient, LabelStudioUnavailable, batched
+from tasks.labelstudio.media import publish_media
 from tasks.labelstudio.project import FROM_NAME, NO_IMAGE_PLACEHOLDER, TO_NAME, LabelStudioProject
 from tasks.labelstudio.server import LabelStudioAuthError, LabelStudioError
+from tasks.media import MediaError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,7 @@ class PushResult:
     n_adopted: int  # found on the server but missing from the ledger (an earlier crash), now recorded
     n_pending: int  # left for the next run because Label Studio was unavailable
     error: str | None = None
+    n_refused: int = 0  # not sent: their media could not be published safely (see tasks.labelstudio.media)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,13 +122,38 @@ def last_per_record(table: pa.Table) -> pa.Table:
     return table.take(sorted(last.values()))
 
 
-def task_payload(row: dict[str, Any], project: LabelStudioProject) -> dict[str, Any]:
-    """One Label Studio task (data + the model's prediction) for a selected record."""
+def publish_record_media(row: dict[str, Any], project: LabelStudioProject) -> dict[str, str | None]:
+    """Publish a record's image and clip into the project's media folder: role -> served name.
+
+    Raises ``MediaError`` when a file cannot be published safely, ``LabelStudioError`` when
+    the server has no document root to serve media from.
+    """
+    served: dict[str, str | None] = {}
+    for role in ("image", "audio"):
+        relative = row.get(role)
+        if not relative:
+            served[role] = None
+            continue
+        if project.media_dir is None:
+            raise LabelStudioError("record media cannot be served: set AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT to your "
+                                   "server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (a folder for affectloop's media only)")
+        served[role] = publish_media(project.source_root, relative, project.media_dir)
+    return served
+
+
+def task_payload(row: dict[str, Any], project: LabelStudioProject,
+                 served: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """One Label Studio task (data + the model's prediction) for a selected record.
+
+    ``served`` names the record's published media files (``publish_record_media``); a task
+    never carries a path into the source.
+    """
+    served = served or {}
     data = {
         "record_id": row["record_id"],
         "text": row.get("text") or "",
-        "image": project.media_url(row.get("image")) or NO_IMAGE_PLACEHOLDER,
-        "audio": project.media_url(row.get("audio")) or "",
+        "image": project.media_url(served.get("image")) or NO_IMAGE_PLACEHOLDER,
+        "audio": project.media_url(served.get("audio")) or "",
         "has_image": bool(row.get("image")),
         "has_text": bool(row.get("text")),
         "has_audio": bool(row.get("audio")),
@@ -165,13 +200,21 @@ def push_selection(client: LabelStudioClient, project: LabelStudioProject,
     ``on_batch(batch_index, n_tasks)`` is called after each batch is imported and recorded
     (progress reporting; tests use it to stop the server mid-push).
     """
-    state.root.mkdir(parents=True, exist_ok=True)
     # One push at a time per state folder: two concurrent pushes (a Prefect retry racing a
     # recomputed Dask task) would both see a record as unsent.
-    with open(state.push_lock, "a+b") as lock:
+    with state_lock(state):
+        return _push_locked(client, project, selected, state, model_version, batch_size, on_batch)
+
+
+@contextmanager
+def state_lock(state: LabelStudioLayout) -> Iterator[None]:
+    """Exclusive lock on the state folder: pushes, and sync's media pruning, one at a time."""
+    state.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state.push_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _push_locked(client, project, selected, state, model_version, batch_size, on_batch)
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -211,31 +254,42 @@ def _push_locked(client: LabelStudioClient, project: LabelStudioProject,
     # Recorded before the first request, so a crash mid-push loses nothing of the selection.
     write_pending(state, to_send)
     rows = to_send.to_pylist()
-    n_pushed = 0
+    n_done = n_pushed = n_refused = 0  # n_done: rows of to_send handled (sent or refused)
     for index, batch in enumerate(batched(rows, batch_size)):
-        payload = [task_payload(row, project) for row in batch]
+        payload, sent = [], []
+        for row in batch:
+            try:
+                served = publish_record_media(row, project)
+            except MediaError as exc:
+                n_refused += 1
+                log.warning("record %s not sent to Label Studio: its media cannot be served safely (%s)",
+                            row["record_id"], exc.reason)
+                continue
+            payload.append(task_payload(row, project, served))
+            sent.append(row["record_id"])
         try:
-            task_ids = client.import_tasks(project_id, payload)
+            task_ids = client.import_tasks(project_id, payload) if payload else []
         except LabelStudioUnavailable as exc:
             # This batch may or may not have landed (a timeout after sending): the next run's
             # server check adopts whatever did, and sends the rest.
-            remaining = to_send.slice(n_pushed)
+            remaining = to_send.slice(n_done)
             write_pending(state, remaining)
             log.warning("Label Studio unavailable after %d tasks; %d records stay pending: %s",
                         n_pushed, remaining.num_rows, exc)
             return PushResult(project_id, n_selected, n_pushed, n_skipped, len(adopted), remaining.num_rows,
-                              error=str(exc))
-        ledger = pa.concat_tables([ledger, _ledger_rows(project_id, zip([r["record_id"] for r in batch], task_ids),
-                                                        "import")])
-        _write_ledger(state, ledger)
-        n_pushed += len(batch)
-        write_pending(state, to_send.slice(n_pushed))
+                              error=str(exc), n_refused=n_refused)
+        if sent:
+            ledger = pa.concat_tables([ledger, _ledger_rows(project_id, zip(sent, task_ids), "import")])
+            _write_ledger(state, ledger)
+        n_pushed += len(sent)
+        n_done += len(batch)
+        write_pending(state, to_send.slice(n_done))
         if on_batch is not None:
-            on_batch(index, len(batch))
+            on_batch(index, len(sent))
 
     write_pending(state, SELECTION_SCHEMA.empty_table())
     _use_for_prelabeling(client, project_id, to_send)
-    return PushResult(project_id, n_selected, n_pushed, n_skipped, len(adopted), 0)
+    return PushResult(project_id, n_selected, n_pushed, n_skipped, len(adopted), 0, n_refused=n_refused)
 
 
 def _use_for_prelabeling(client: LabelStudioClient, project_id: int, pushed: pa.Table) -> None:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from core.io import make_private_tree
 from core.layout import LabelStudioLayout
 from core.settings import Settings
 from tasks.labelstudio.client import LabelStudioClient, LabelStudioUnavailable
@@ -45,29 +46,39 @@ class LabelStudioSession:
     state: LabelStudioLayout
 
 
-def document_root_for(settings: Settings, source_root: str | os.PathLike) -> Path:
-    """The local server serves media from the source's parent (sibling sources need no restart).
+def document_root_for(settings: Settings) -> Path | None:
+    """Where the server serves local files from, which push fills with published media only.
 
-    For your own server, set AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT to its
-    LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: the source root itself).
+    The local server: ``state/labelstudio/media``. Your own server: its
+    LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, given as AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT (a
+    folder for affectloop's media alone, on a file system both machines see); unset, no
+    media are served (a record with media then fails the push with a message naming it).
     """
+    if settings.label_studio_url is None:
+        return settings.layout.labelstudio.media_root
     configured = settings.label_studio_document_root
-    if configured:
-        return Path(configured).resolve()
-    source = Path(source_root).resolve()
-    return source.parent if settings.label_studio_url is None else source
+    return Path(configured).resolve() if configured else None
 
 
 def connect(settings: Settings, source_root: str | os.PathLike, start_local: bool = True,
-            annotations_per_task: int = 1) -> LabelStudioSession:
+            annotations_per_task: int | None = None) -> LabelStudioSession:
     """Reach Label Studio (starting the local one if needed) and bootstrap the project."""
-    doc_root = document_root_for(settings, source_root)
+    doc_root = document_root_for(settings)
+    if doc_root is not None:
+        data_root = Path(settings.data_root).resolve()
+        if doc_root == data_root or doc_root in data_root.parents:
+            raise LabelStudioError(f"Label Studio's document root {doc_root} contains the data root {data_root} "
+                                   f"(labels, credentials): give the server a folder of its own")
     server = None
     if settings.label_studio_url:
-        creds = resolve_credentials(settings.data_root, settings.label_studio_url, settings.label_studio_token)
+        creds = resolve_credentials(settings.data_root, settings.label_studio_url, settings.label_studio_token,
+                                    allow_insecure_http=settings.label_studio_allow_insecure_http)
     else:
-        server = LocalLabelStudio(settings.data_root, settings.label_studio_port, document_root=doc_root)
+        server = LocalLabelStudio(settings.data_root, settings.label_studio_port)
         creds = server.start() if start_local else resolve_credentials(settings.data_root)
+    state = settings.layout.state
+    if state.exists():
+        make_private_tree(state)  # 0700 folders, 0600 files: state/ holds credentials and the ledger
     client = LabelStudioClient(creds)
     project = ensure_project(client, settings.labels, source_root, doc_root, annotations_per_task)
     return LabelStudioSession(client, project, server, settings.layout.labelstudio)
@@ -106,7 +117,8 @@ def push_to_labelstudio(settings: Settings, selected: pa.Table | str | os.PathLi
 def sync_from_labelstudio(settings: Settings) -> SyncResult:
     """Pull new annotations into ``labels/annotations.parquet`` (consensus, agreement)."""
     session = connect(settings, source_root_of(settings))
-    result = sync_annotations(session.client, session.project, settings.layout.annotation_labels, session.state)
+    result = sync_annotations(session.client, session.project, settings.layout.annotation_labels, session.state,
+                              allowed_annotators=settings.label_studio_annotators)
     publish_markdown(result.markdown(), key="annotation-agreement", description="annotators and agreement")
     return result
 
@@ -129,8 +141,9 @@ def simulate_annotators(settings: Settings, records_paths: Sequence[str | os.Pat
     from tasks.labelstudio.annotator import annotate_with_team
 
     session = connect(settings, source_root_of(settings), annotations_per_task=annotators)
-    stats = annotate_with_team(session.client.url, session.project.project_id, settings.labels,
-                               demo_truth(records_paths), n_annotators=annotators, error_rate=error_rate, seed=seed)
+    stats = annotate_with_team(session.client, session.project.project_id, settings.labels,
+                               demo_truth(records_paths), session.state, n_annotators=annotators,
+                               error_rate=error_rate, seed=seed)
     return {"annotated": sum(s.annotated for s in stats), "skipped": sum(s.skipped for s in stats)}
 
 

@@ -5,14 +5,26 @@ not the project's) bound to 127.0.0.1, with a generated admin and a 40-hex legac
 waits until it answers, checks that the port it answers on is the one asked for (Label
 Studio silently moves to the next free port otherwise), and stops it by process group.
 
+Locked down (issue #14): signup only through the organization's invite link
+(``DISABLE_SIGNUP_WITHOUT_LINK``), ``ALLOWED_HOSTS`` the loopback names only, local files
+served from ``state/labelstudio/media/`` alone (which holds only validated media of pushed
+records, see ``tasks.labelstudio.media``), the server started with umask 077 and
+everything under ``state/`` stripped of group/other permissions (0700 folders, 0600
+files: its SQLite database holds password hashes and the API token). The admin's
+password and token reach the server's environment only on the start that creates the
+admin; later starts do not carry them.
+
 Credentials resolution (``resolve_credentials``): ``AFFECTLOOP_LABEL_STUDIO_URL`` plus
 ``AFFECTLOOP_LABEL_STUDIO_TOKEN`` (Settings) win; otherwise the file
 ``<data_root>/state/labelstudio/credentials.json`` (mode 0600) written by ``start()``.
-The token only ever lives in a ``SecretStr``: it never reaches a log, a repr or an error.
+The token only ever lives in a ``SecretStr``: it never reaches a log, a repr or an error,
+and never goes over plain HTTP to a host that is not loopback unless the user allows it
+(``AFFECTLOOP_LABEL_STUDIO_ALLOW_INSECURE_HTTP``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
@@ -20,11 +32,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from pydantic import SecretStr
 
-from core.io import atomic_write_json, read_json
+from core.io import atomic_write_json, ensure_private_dir, make_private_tree, read_json
 from core.layout import DataLayout, LabelStudioLayout
 from core.processes import (pid_alive, pid_cmdline, port_in_use, start_process_group, stop_process_group,
                             wait_healthy)
@@ -36,6 +49,10 @@ ADMIN_EMAIL = "admin@affectloop.local"
 # Label Studio's first start on a fresh database runs migrations (about 25 s on a quiet
 # machine); under load it can take several times that.
 DEFAULT_START_TIMEOUT_S = 240.0
+# Host names the local server answers to (Django's ALLOWED_HOSTS): a request naming any
+# other host (DNS rebinding, a proxy forwarding the outside world) gets HTTP 400.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+SERVER_UMASK = 0o077  # every file Label Studio creates (database, exports, logs) is owner-only
 
 
 class LabelStudioError(RuntimeError):
@@ -60,8 +77,33 @@ class LabelStudioCredentials:
         return f"LabelStudioCredentials(url={self.url!r}, source={self.source!r}, token=SecretStr('**********'))"
 
 
+def is_loopback_host(host: str | None) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(url: str, allow_insecure_http: bool = False) -> None:
+    """Refuse to send the token over plain HTTP to a host that is not loopback (unless allowed)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise LabelStudioError(f"AFFECTLOOP_LABEL_STUDIO_URL must be an http(s) URL, got scheme {parts.scheme!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname) and not allow_insecure_http:
+        raise LabelStudioError(
+            f"AFFECTLOOP_LABEL_STUDIO_URL {parts.scheme}://{parts.hostname} is plain HTTP to a host that is not "
+            f"loopback: the API token would cross the network unencrypted. Use https://, or set "
+            f"AFFECTLOOP_LABEL_STUDIO_ALLOW_INSECURE_HTTP=true if the network is trusted")
+
+
 def resolve_credentials(data_root: str | os.PathLike, url: str | None = None,
-                        token: SecretStr | str | None = None) -> LabelStudioCredentials:
+                        token: SecretStr | str | None = None,
+                        allow_insecure_http: bool = False) -> LabelStudioCredentials:
     """The environment's server (``url`` + ``token``, from Settings) when given, else the local file."""
     if url:
         if token is None:
@@ -69,6 +111,7 @@ def resolve_credentials(data_root: str | os.PathLike, url: str | None = None,
                 "AFFECTLOOP_LABEL_STUDIO_URL is set but AFFECTLOOP_LABEL_STUDIO_TOKEN is not; "
                 "set the API token of that server (Account & Settings > Access Token)"
             )
+        check_transport(url, allow_insecure_http)
         secret = token if isinstance(token, SecretStr) else SecretStr(token)
         return LabelStudioCredentials(url=url.rstrip("/"), token=secret, source="environment")
     path = DataLayout(Path(data_root)).labelstudio.credentials
@@ -88,24 +131,24 @@ class LocalLabelStudio:
     """A Label Studio server this project starts, owns and stops.
 
     State lives under ``<data_root>/state/labelstudio/``: ``server/`` (Label Studio's own
-    database and uploads), ``server.json`` (pid, port, document root), ``server.log`` and
-    ``credentials.json`` (0600).
+    database and uploads), ``server.json`` (pid, port, document root), ``server.log``,
+    ``credentials.json`` (0600) and ``media/``, the local-files document root: the server can
+    read no file outside it, and it holds only what push put there.
     """
 
-    def __init__(self, data_root: str | os.PathLike, port: int = 8089, document_root: str | os.PathLike | None = None,
+    def __init__(self, data_root: str | os.PathLike, port: int = 8089,
                  venv: str | os.PathLike = DEFAULT_VENV, host: str = "127.0.0.1") -> None:
         self.data_root = Path(data_root).resolve()
         self.port = int(port)
         self.host = host
-        # Media are served from under the document root; default to the data root's parent so a
-        # source next to the data root works. Pass the source root (or a parent) explicitly.
-        self.document_root = Path(document_root).resolve() if document_root else self.data_root.parent
         venv_path = Path(venv)
         if not venv_path.is_absolute() and not venv_path.exists():
             # Relative to the repository (where make creates it), not the caller's cwd.
             venv_path = Path(__file__).resolve().parents[2] / venv_path
         self.venv = venv_path.resolve()
         self.paths: LabelStudioLayout = DataLayout(self.data_root).labelstudio
+        # The only folder Label Studio may serve local files from: validated media, nothing else.
+        self.document_root = self.paths.media_root
         self.server_dir = self.paths.server_data
         self.log_path = self.paths.server_log
         self.server_json = self.paths.server_record
@@ -193,12 +236,11 @@ class LocalLabelStudio:
                                    f"choose another with AFFECTLOOP_LABEL_STUDIO_PORT")
 
         creds = self._load_or_create_credentials()
-        self.server_dir.mkdir(parents=True, exist_ok=True)
+        self.secure_state()
+        ensure_private_dir(self.server_dir)
+        ensure_private_dir(self.document_root)
         env = {
-            **os.environ,
-            "LABEL_STUDIO_USERNAME": creds["username"],
-            "LABEL_STUDIO_PASSWORD": creds["password"],
-            "LABEL_STUDIO_USER_TOKEN": creds["token"],
+            **{k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "HEARTEX_"))},
             "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",  # without it the preset token gets 401
             "LATEST_VERSION_CHECK": "false",
             "COLLECT_ANALYTICS": "false",
@@ -207,15 +249,24 @@ class LocalLabelStudio:
             "LABEL_STUDIO_BASE_DATA_DIR": str(self.server_dir),
             # Same-origin only; the API token and session cookie are all clients need.
             "LABEL_STUDIO_HOST": "",
+            # No open signup: accounts come from the organization's invite link only.
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+            "LABEL_STUDIO_ALLOWED_HOSTS": ",".join(LOOPBACK_HOSTS),
         }
+        for name in ("ALLOWED_HOSTS", "DISABLE_SIGNUP_WITHOUT_LINK"):
+            env.pop(name, None)  # Label Studio reads the unprefixed names too: ours must win
+        if not creds.get("provisioned"):
+            # Only the start that creates the admin needs its password and token; afterwards
+            # they stay out of the server's environment (/proc/<pid>/environ).
+            env.update({"LABEL_STUDIO_USERNAME": creds["username"], "LABEL_STUDIO_PASSWORD": creds["password"],
+                        "LABEL_STUDIO_USER_TOKEN": creds["token"]})
         env.pop("VIRTUAL_ENV", None)
         cmd = [str(self.executable), "start", "--no-browser", "--internal-host", self.host,
                "--port", str(self.port), "--data-dir", str(self.server_dir), "--log-level", "WARNING"]
-        self.paths.root.mkdir(parents=True, exist_ok=True)
         # Saved before the start: if this process dies while the server boots, the next call
         # still holds the credentials the server's database was created with.
         atomic_write_json(self.paths.credentials, creds, mode=0o600)
-        process = start_process_group(cmd, self.log_path, env=env, cwd=self.server_dir)
+        process = start_process_group(cmd, self.log_path, env=env, cwd=self.server_dir, umask=SERVER_UMASK)
         atomic_write_json(self.server_json, {"pid": process.pid, "port": self.port, "url": self.url,
                                              "document_root": str(self.document_root),
                                              "started_at": time.time()})
@@ -229,8 +280,18 @@ class LocalLabelStudio:
             self.stop()
             raise LabelStudioError(f"the server answering on {self.url} is not the one just started "
                                    f"(it refused the generated token); see {self.log_path}")
+        if not creds.get("provisioned"):
+            atomic_write_json(self.paths.credentials, {**creds, "provisioned": True}, mode=0o600)
+        self.secure_state()
         log.info("Label Studio started at %s (pid %s)", self.url, process.pid)
         return self.credentials()
+
+    def secure_state(self) -> None:
+        """0700 folders and 0600 files under ``state/`` (older runs and copied databases included)."""
+        state = self.paths.root.parent
+        ensure_private_dir(state)
+        ensure_private_dir(self.paths.root)
+        make_private_tree(state)
 
     def stop(self, timeout_s: float = 20.0) -> bool:
         """SIGTERM the server's process group, wait, SIGKILL if needed. Returns whether one was running."""
