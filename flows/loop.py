@@ -46,6 +46,7 @@ def loop(source: str | None = None, data_root: str | None = None, rounds: int = 
     if production_version_task(layout.models) is None:
         with report.stage("train on gold (round 0)") as stage:
             trained = retrain_flow(data_root, fusion=fusion, epochs=epochs)
+            stage.counts = {k: trained[f"n_{k}"] for k in ("train", "holdout") if f"n_{k}" in trained}
             stage.note = trained["reason"]
         rounds_table.append({"round": 0, **trained})
 
@@ -60,6 +61,7 @@ def loop(source: str | None = None, data_root: str | None = None, rounds: int = 
                             "ignored (unknown task/annotator)": synced["n_unknown_tasks"] + synced["n_unknown_annotators"]}
         with report.stage(f"retrain (round {index})") as stage:
             trained = retrain_flow(data_root, fusion=fusion, epochs=epochs)
+            stage.counts = {k: trained[f"n_{k}"] for k in ("train", "holdout") if f"n_{k}" in trained}
             stage.note = trained["reason"]
         with report.stage(f"rescore (round {index})") as stage:
             built = nightly_build(source, data_root, annotation_budget=settings.annotation_budget)
