@@ -29,15 +29,18 @@ FUSION_LAYER_NAME = "fusion"
 HEAD_LAYER_NAMES = ("head_dropout", "logits", "probs")  # applied in order after the fusion layer
 
 
+_SPEC = FeatureSpec()  # the defaults are the features contract's, stated once there
+
+
 @dataclass(frozen=True)
 class InputShapes:
     """The array shapes the network is built for (from a FeatureSpec or from the arrays themselves)."""
 
-    image_size: int = 48
-    max_tokens: int = 48
-    n_frames: int = 160
-    n_mels: int = 40
-    n_prosody: int = 14
+    image_size: int = _SPEC.image_size
+    max_tokens: int = _SPEC.max_tokens
+    n_frames: int = _SPEC.n_frames
+    n_mels: int = _SPEC.n_mels
+    n_prosody: int = _SPEC.n_prosody
 
     @classmethod
     def from_spec(cls, spec: FeatureSpec) -> "InputShapes":
