@@ -184,6 +184,9 @@ def settings_env(settings: Any) -> dict[str, str]:
         "AFFECTLOOP_LABEL_STUDIO_PORT": str(settings.label_studio_port),
         "AFFECTLOOP_LABEL_STUDIO_ANNOTATORS": ",".join(settings.label_studio_annotators),
         "AFFECTLOOP_ML_BACKEND_DEBOUNCE_S": str(settings.ml_backend_debounce_s),
+        **({"AFFECTLOOP_LABEL_STUDIO_URL": settings.label_studio_url} if settings.label_studio_url else {}),
+        **({"AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT": str(settings.label_studio_document_root)}
+           if settings.label_studio_document_root else {}),
     }
 
 
