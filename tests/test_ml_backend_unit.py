@@ -179,3 +179,33 @@ def test_scores_get_per_modality_columns_from_one_forward_pass(backend, tmp_path
     assert table.column("p_image_joy")[1].as_py() is None and table.column("p_audio_joy").null_count == 2
     assert table.column("p_text_joy").null_count == 0
     assert table.column("modalities_disagree").type.id == 1 or str(table.column("modalities_disagree").type) == "bool"
+
+
+def test_modality_line_and_disagreement():
+    from model.modality_view import disagreement, modality_line
+
+    labels = ["anger", "joy", "neutral"]
+    nan = [np.nan] * 3
+    line = modality_line({"image": [0.1, 0.71, 0.19], "audio": [0.52, 0.2, 0.28], "text": [0.3, 0.3, 0.4]}, labels)
+    assert line == "modalities disagree — face: joy 0.71 · voice: anger 0.52 · text: neutral 0.40"
+    assert modality_line({"image": [0.1, 0.8, 0.1], "text": [0.2, 0.5, 0.3], "audio": nan}, labels).startswith(
+        "modalities agree — face: joy")
+    assert modality_line({"image": nan, "text": nan, "audio": nan}, labels) == ""
+    by = {"image": np.array([[0.1, 0.8, 0.1], [0.1, 0.8, 0.1], nan]),
+          "text": np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]]),
+          "audio": np.array([nan, nan, nan])}
+    assert disagreement(by).tolist() == [True, False, False]
+
+
+def test_push_puts_the_line_in_task_data_and_prediction(tmp_path):
+    from tasks.labelstudio.project import LabelStudioProject
+    from tasks.labelstudio.push import task_payload
+
+    project = LabelStudioProject(1, "t", DEFAULT_LABELS, str(tmp_path), None, None, False)
+    line = "modalities disagree — face: joy 0.71 · voice: anger 0.52"
+    payload = task_payload({"record_id": "r", "text": "x", "predicted_label": "joy", "confidence": 0.5,
+                            "model_version": "v1", "modalities": line}, project)
+    assert payload["data"]["modalities"] == line and payload["data"]["modalities_disagree"] is True
+    (prediction,) = payload["predictions"]
+    assert prediction["result"][1] == {"from_name": "modalities", "to_name": "text", "type": "textarea",
+                                       "value": {"text": [line]}}
