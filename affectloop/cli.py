@@ -33,6 +33,10 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pret
 labelstudio_app = typer.Typer(help="Run the local Label Studio (installed by make into .venv-labelstudio).",
                               no_args_is_help=True)
 app.add_typer(labelstudio_app, name="labelstudio")
+ml_backend_app = typer.Typer(help="The Label Studio ML backend serving the PRODUCTION model (127.0.0.1, basic auth). "
+                                  "Without a subcommand it serves in the foreground (for any process manager); "
+                                  "it never starts a Prefect API.", invoke_without_command=True)
+app.add_typer(ml_backend_app, name="ml-backend")
 console = Console()
 err = Console(stderr=True)
 
@@ -265,6 +269,95 @@ def labelstudio_status(data_root: Optional[Path] = DataRoot) -> None:
     with _exit_codes():
         status = LocalLabelStudio(settings.data_root, settings.label_studio_port).status()
     console.print_json(json.dumps(status, default=str))
+
+
+@ml_backend_app.callback()
+def ml_backend(ctx: typer.Context, data_root: Optional[Path] = DataRoot, source: Optional[str] = Source,
+               port: Optional[int] = typer.Option(None, "--port", help="port on 127.0.0.1 (or AFFECTLOOP_ML_BACKEND_PORT; "
+                                                                       "default 9090)")) -> None:
+    """Serve /health, /setup, /predict and /webhook until stopped (SIGTERM or Ctrl-C)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = _settings(data_root=data_root, source=source)
+    with _exit_codes():
+        from core.io import ensure_private_dir
+        from tasks.labelstudio.ml_backend import Predictor, SyncScheduler, create_app, serve
+        from tasks.labelstudio.ml_connect import auth_from_settings
+        from tasks.labelstudio.resource import document_root_for, sync_from_labelstudio
+
+        ensure_private_dir(settings.layout.state)
+        auth = auth_from_settings(settings)
+        predictor = Predictor(settings.layout.models, document_root_for(settings))
+        # The webhook's sync: the same code path as `affectloop sync`, without a Prefect API.
+        scheduler = SyncScheduler(lambda: sync_from_labelstudio(settings, publish=False, start_local=False),
+                                  debounce_s=settings.ml_backend_debounce_s)
+        app_ = create_app(predictor, *auth.pair(), scheduler=scheduler)
+        import threading
+
+        # Load the model beside the server: /health answers at once, the first predict is not slowed.
+        threading.Thread(target=_warm, args=(predictor,), daemon=True).start()
+        serve(app_, port or settings.ml_backend_port or 9090)
+
+
+def _warm(predictor) -> None:  # noqa: ANN001
+    try:
+        predictor.version()
+    except Exception as exc:  # noqa: BLE001 - reported again on the first request that needs the model
+        err.print(f"[yellow]model not loaded yet:[/] {type(exc).__name__}: {exc}")
+
+
+@ml_backend_app.command("start")
+def ml_backend_start(data_root: Optional[Path] = DataRoot) -> None:
+    """Start (or reuse) the local ML backend in the background, by process id."""
+    from tasks.labelstudio.ml_connect import LocalMLBackend
+
+    settings = _settings(data_root=data_root)
+    with _exit_codes(), console.status("starting the ML backend…"):
+        url = LocalMLBackend(settings.data_root, settings.ml_backend_port).start()
+    console.print(f"ML backend at {url}; basic-auth login in {settings.layout.labelstudio.ml_backend_credentials}")
+
+
+@ml_backend_app.command("stop")
+def ml_backend_stop(data_root: Optional[Path] = DataRoot) -> None:
+    """Stop the local ML backend this project started."""
+    from tasks.labelstudio.ml_connect import LocalMLBackend
+
+    settings = _settings(data_root=data_root)
+    with _exit_codes():
+        stopped = LocalMLBackend(settings.data_root).stop()
+    console.print("stopped" if stopped else "not running")
+
+
+@ml_backend_app.command("status")
+def ml_backend_status(data_root: Optional[Path] = DataRoot) -> None:
+    """Is the local ML backend running, where, with which process id."""
+    from tasks.labelstudio.ml_connect import LocalMLBackend
+
+    settings = _settings(data_root=data_root)
+    with _exit_codes():
+        info = LocalMLBackend(settings.data_root).status()
+    console.print_json(json.dumps(info, default=str))
+
+
+@ml_backend_app.command("connect")
+def ml_backend_connect(data_root: Optional[Path] = DataRoot, source: Optional[str] = Source,
+                       url: Optional[str] = typer.Option(None, "--url", help="where Label Studio reaches the backend "
+                                                                             "(or AFFECTLOOP_ML_BACKEND_URL; default: "
+                                                                             "the local one, started if needed)")) -> None:
+    """Connect the project of your (or the local) Label Studio to the ML backend, idempotently."""
+    settings = _settings(data_root=data_root, source=source)
+    with _exit_codes():
+        from tasks.labelstudio.ml_connect import LocalMLBackend, auth_from_settings, connect_ml_backend
+        from tasks.labelstudio.resource import connect, source_root_of
+
+        settings = settings.model_copy(update={"ml_backend": False})  # connected below, to the URL asked for
+        session = connect(settings, source_root_of(settings))
+        from tasks.labelstudio.ml_connect import settings_env
+
+        target = url or settings.ml_backend_url or \
+            LocalMLBackend(settings.data_root, settings.ml_backend_port).start(env=settings_env(settings))
+        backend_id = connect_ml_backend(session.client, session.project.project_id, target, auth_from_settings(settings))
+    console.print(f"project {session.project.project_id} connected to the ML backend at {target} (id {backend_id})")
 
 
 @app.command()

@@ -51,7 +51,9 @@ READY_JS = """((imageName) => {
     && [...document.querySelectorAll('canvas')].some(c => c.width > 100 && c.height > 20);
   const choices = document.querySelectorAll('input[type=radio], .ant-radio-wrapper, [class*=choice]').length >= 7;
   const editor = [...document.querySelectorAll('button')].some(b => /Submit|Update/.test(b.innerText));
-  return JSON.stringify({img: !!img, wave, choices, editor});
+  // The per-modality line (the prediction's read-only TextArea result).
+  const modalities = text.includes('face:') && text.includes('voice:');
+  return JSON.stringify({img: !!img, wave, choices, editor, modalities});
 })"""
 
 
@@ -123,7 +125,9 @@ def prepare_task(data_root: Path, port: int) -> tuple[str, int, int, dict[str, s
     state_dir = data_root / "state" / "labelstudio-screenshot"
     selection = [{"record_id": record["record_id"], "text": record["text"], "image": record["image"],
                   "audio": record["audio"], "predicted_label": record["true_label"], "confidence": 0.62,
-                  "model_version": "fusion-demo"}]
+                  "model_version": "fusion-demo",
+                  # What each modality alone says, as the nightly push sends it (model.modality_view).
+                  "modalities": "modalities disagree — face: joy 0.71 · voice: anger 0.52 · text: neutral 0.40"}]
     import pyarrow as pa
 
     push_selection(client, project, pa.Table.from_pylist(selection), LabelStudioLayout(state_dir))

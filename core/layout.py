@@ -16,7 +16,8 @@ inner structure is part of how the adapter keeps its guarantees.
       reports/<version>/                 confusion matrices, learning curves
       runs/<run_id>/                     one build's scratch: manifest chunks, records, scores, selection
       state/labelstudio/                 local server, credentials (0600), push ledger, pending, watermark,
-                                         annotators (0600), media/ (the only folder Label Studio serves)
+                                         annotators (0600), media/ (the only folder Label Studio serves),
+                                         ml_backend.json / .log, ml_backend_auth.json (0600)
       state/prefect/                     PREFECT_HOME of the local Prefect API the CLI starts
       state/retrain.json                 labels counted at the last retrain
       state/groups.parquet               record_id -> speaker, for the speaker-grouped holdout
@@ -126,6 +127,20 @@ class LabelStudioLayout:
     @property
     def watermark(self) -> Path:
         return self.root / "watermark.json"
+
+    @property
+    def ml_backend_record(self) -> Path:
+        """The local ML backend process (pid, port, url)."""
+        return self.root / "ml_backend.json"
+
+    @property
+    def ml_backend_log(self) -> Path:
+        return self.root / "ml_backend.log"
+
+    @property
+    def ml_backend_credentials(self) -> Path:
+        """The ML backend's HTTP basic-auth user and password (0600)."""
+        return self.root / "ml_backend_auth.json"
 
 
 @dataclass(frozen=True)

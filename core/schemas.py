@@ -15,6 +15,7 @@ import pyarrow as pa
 DEFAULT_LABELS: tuple[str, ...] = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 
 UTC_TS = pa.timestamp("us", tz="UTC")
+MODALITY_NAMES: tuple[str, ...] = ("image", "text", "audio")  # model.inputs.MODALITIES, in that order
 DICT_STRING = pa.dictionary(pa.int32(), pa.string())
 
 # Reject reasons: short, stable, machine-readable codes. ``detail`` carries the human text.
@@ -101,6 +102,10 @@ def scores_schema(labels: Sequence[str]) -> pa.Schema:
         pa.field("selected_for_annotation", pa.bool_(), nullable=False),
         pa.field("scored_at", UTC_TS, nullable=False),
     ]
+    # Added with issue #15 (add-only): what each modality alone says, from the same forward
+    # pass; null where the record lacks the modality (or the model has no per-modality heads).
+    fields += [pa.field(f"p_{m}_{label}", pa.float32(), nullable=True) for m in MODALITY_NAMES for label in labels]
+    fields += [pa.field("modalities_disagree", pa.bool_(), nullable=False)]
     return pa.schema(fields)
 
 

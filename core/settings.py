@@ -60,6 +60,16 @@ class Settings(BaseSettings):
     label_studio_allow_insecure_http: bool = Field(
         False, description="allow sending the token over plain http:// to a host that is not loopback")
 
+    ml_backend: bool = Field(True, description="connect the local Label Studio's project to a local ML backend "
+                                                 "serving the production model (started on demand)")
+    ml_backend_port: int | None = Field(None, description="port of the local ML backend; None: a free one")
+    ml_backend_url: str | None = Field(None, description="where Label Studio reaches the ML backend "
+                                                         "(`affectloop ml-backend connect`); default the local one")
+    ml_backend_user: str | None = Field(None, description="the ML backend's basic-auth user; None: the 0600 file")
+    ml_backend_password: SecretStr | None = Field(None, description="the ML backend's basic-auth password")
+    ml_backend_debounce_s: float = Field(5.0, ge=0.0, description="annotation events within this many seconds "
+                                                                  "start one sync")
+
     annotation_budget: int = Field(100, ge=0, description="records sent to Label Studio per nightly build")
     selection_strategy: str = Field("diverse_entropy", description="model.selection strategy for the nightly build")
     promotion_margin: float = Field(0.0, ge=0.0, description="promote when holdout macro-F1 >= production - margin")

@@ -379,7 +379,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         """From one forward pass: ``{"fused": (N, C), "image": …, "text": …, "audio": …}``.
 
         Each modality's probabilities come from its own calibrated head; rows of records
-        without that modality are NaN (a later issue writes them as ``p_<modality>_<label>``).
+        without that modality are NaN (scoring writes them as ``p_<modality>_<label>``).
         """
         X = _feature_inputs(X)
         fused, *per_modality, _ = self._forward(X)
@@ -389,6 +389,17 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
             proba[~_present(X, m)] = np.nan
             out[m] = proba
         return out
+
+    def predict_proba_by_modality_and_embed(self, X: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``predict_proba_by_modality`` and the fused embedding, still one forward pass (scoring)."""
+        X = _feature_inputs(X)
+        fused, *per_modality, emb = self._forward(X)
+        out = {"fused": fused}
+        for m, proba in zip(MODALITIES, per_modality):
+            proba = proba.copy()
+            proba[~_present(X, m)] = np.nan
+            out[m] = proba
+        return out, emb
 
     def predict_logits(self, X: dict[str, np.ndarray]) -> np.ndarray:
         """(N, C) fused logits before the fused temperature."""

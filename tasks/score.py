@@ -21,6 +21,8 @@ from prefect import task
 
 from core.io import write_parquet
 from core.schemas import scores_schema
+from model.inputs import MODALITIES
+from model.modality_view import disagreement
 from model.uncertainty import uncertainty_columns
 from tasks.retry import IO_RETRY
 
@@ -43,9 +45,11 @@ def load_model_cached(models_dir: str | Path, version: str):
 
 
 def scores_table(record_ids: Sequence[str], proba: np.ndarray, presence: dict[str, np.ndarray],
-                 labels: Sequence[str], model_version: str, run_id: str, scored_at: datetime) -> pa.Table:
+                 labels: Sequence[str], model_version: str, run_id: str, scored_at: datetime,
+                 by_modality: dict[str, np.ndarray] | None = None) -> pa.Table:
     """Rows of the ``scores/`` contract for one batch (``selected_for_annotation`` False here;
-    the selection stage sets it)."""
+    the selection stage sets it). ``by_modality``: each modality's probabilities (NaN rows where
+    absent, ``predict_proba_by_modality``); without it the ``p_<modality>_<label>`` columns are null."""
     n = len(record_ids)
     proba = np.asarray(proba, dtype=np.float32)
     unc = uncertainty_columns(proba)
@@ -64,6 +68,14 @@ def scores_table(record_ids: Sequence[str], proba: np.ndarray, presence: dict[st
         columns[f"has_{modality}"] = pa.array(np.asarray(presence[modality], dtype=bool))
     columns["selected_for_annotation"] = pa.array(np.zeros(n, dtype=bool))
     columns["scored_at"] = pa.array([scored_at] * n, pa.timestamp("us", tz="UTC"))
+    for modality in MODALITIES:
+        per = None if by_modality is None else by_modality.get(modality)
+        absent = np.ones(n, dtype=bool) if per is None else np.isnan(np.asarray(per, np.float64)).any(axis=1)
+        for j, label in enumerate(labels):
+            values = np.zeros(n, np.float32) if per is None else np.nan_to_num(np.asarray(per[:, j], np.float32))
+            columns[f"p_{modality}_{label}"] = pa.array(values, pa.float32(), mask=absent)
+    columns["modalities_disagree"] = pa.array(
+        disagreement(by_modality) if by_modality is not None and n else np.zeros(n, dtype=bool), pa.bool_())
     return pa.table(columns).cast(scores_schema(labels))
 
 
@@ -88,15 +100,20 @@ def score_partition(features_path: str | Path, models_dir: str | Path, model_ver
         raise ValueError(f"model {model_version} predicts {list(model.classes_)}, the label set is {list(labels)}")
     table = pq.read_table(features_path)
     X = arrays_from_features(table)
+    by_modality = None  # the seed architecture has no per-modality heads: those columns stay null
     if table.num_rows == 0:
         proba, emb = np.zeros((0, len(labels))), np.zeros((0, 1), np.float32)
+    elif hasattr(model, "predict_proba_by_modality_and_embed"):
+        # Fused, per-modality and embedding from one forward pass.
+        by_modality, emb = model.predict_proba_by_modality_and_embed(X)
+        proba = by_modality["fused"]
     elif with_embeddings:
-        proba, emb = model.predict_proba_and_embed(X)  # one forward pass for both
+        proba, emb = model.predict_proba_and_embed(X)  # one forward pass for both (seed architecture)
     else:
         proba, emb = model.predict_proba(X), None
     presence = {m: table.column(f"has_{m}").to_numpy(zero_copy_only=False) for m in ("image", "text", "audio")}
     out = scores_table(table.column("record_id").to_pylist(), proba, presence, labels, model_version, run_id,
-                       scored_at or datetime.now(timezone.utc))
+                       scored_at or datetime.now(timezone.utc), by_modality=by_modality)
     if with_embeddings:
         dim = int(emb.shape[1]) if emb.ndim == 2 else 1
         flat = pa.array(np.asarray(emb, np.float32).reshape(-1), pa.float32())

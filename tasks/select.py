@@ -24,6 +24,8 @@ from prefect import task
 
 from core.io import atomic_write_json, read_json, write_parquet
 from core.layout import DataLayout
+from model.inputs import MODALITIES
+from model.modality_view import modality_columns, modality_lines
 from model.selection import (STRATEGIES, StabilizingPredictions, cold_start_vectors, required_outputs,
                              runnable_strategies, select, stable_sample, uncertainty_scores)
 from tasks.artifacts import publish_markdown
@@ -31,7 +33,8 @@ from tasks.labels import load_labels
 from tasks.retry import IO_RETRY
 from tasks.score import EMBEDDING_COLUMN
 
-SELECTION_COLUMNS = ["record_id", "text", "image", "audio", "predicted_label", "confidence", "model_version"]
+SELECTION_COLUMNS = ["record_id", "text", "image", "audio", "predicted_label", "confidence", "model_version",
+                     "modalities"]
 # What the nightly scoring pass gives selection: calibrated probabilities and fused embeddings.
 SCORING_OUTPUTS = frozenset({"probs", "embeddings"})
 
@@ -109,6 +112,7 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
         predicted = table.column("predicted_label").cast(pa.string())
         confidence = table.column("confidence")
         version = table.column("model_version").cast(pa.string())
+        modalities = pa.array(modality_lines_of(table, labels), pa.string())
     else:
         table = pq.read_table(part)
         ids = table.column("record_id").to_pylist()
@@ -117,6 +121,7 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
         predicted = pa.nulls(len(ids), pa.string())
         confidence = pa.nulls(len(ids), pa.float32())
         version = pa.nulls(len(ids), pa.string())
+        modalities = pa.nulls(len(ids), pa.string())
     vectors = vectors.reshape(len(ids), -1) if ids else vectors.reshape(0, 1)
     eligible = np.flatnonzero(np.array([rid not in excluded for rid in ids], dtype=bool))
     keep_n = int(np.ceil(SHORTLIST_FACTOR * budget)) if scored else int(np.ceil(COLD_START_SAMPLE / max(n_parts, 1)))
@@ -135,9 +140,22 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
         if probs is not None else pa.nulls(keep.size, pa.list_(pa.float32(), len(labels))),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[keep].reshape(-1)), dim),
         "predicted_label": predicted.take(take), "confidence": confidence.take(take),
-        "model_version": version.take(take),
+        "model_version": version.take(take), "modalities": modalities.take(take),
     })
     return write_parquet(shortlist, out_path), int(eligible.size)
+
+
+def modality_lines_of(table: pa.Table, labels: Sequence[str]) -> list[str | None]:
+    """The per-modality line of every scores row (``model.modality_view``); None without those columns."""
+    names = modality_columns(labels)
+    if not all(name in table.column_names for name in names):
+        return [None] * table.num_rows
+    by_modality = {}
+    for m in MODALITIES:
+        cols = [table.column(f"p_{m}_{label}").to_numpy(zero_copy_only=False) for label in labels]
+        by_modality[m] = np.stack([np.asarray(c, np.float64) for c in cols], axis=1) if table.num_rows \
+            else np.zeros((0, len(labels)))
+    return [line or None for line in modality_lines(by_modality, labels)]
 
 
 def select_from_shortlists(shortlist_paths: Sequence[str | Path], record_parts: Sequence[str | Path], budget: int,
@@ -164,10 +182,13 @@ def select_from_shortlists(shortlist_paths: Sequence[str | Path], record_parts: 
             probs = np.asarray(union.column("probs").combine_chunks().flatten(), np.float32).reshape(n, -1) \
                 if scored else None
             picks = select(used, budget, probs=probs, embeddings=vectors, seed=seed)
-    info = union.select(["record_id", "predicted_label", "confidence", "model_version"]) if n else None
+    if n and "modalities" not in union.column_names:  # a shortlist written before the per-modality line
+        union = union.append_column("modalities", pa.nulls(n, pa.string()))
+    info = union.select(["record_id", "predicted_label", "confidence", "model_version", "modalities"]) if n else None
     chosen = info.take(pa.array(np.asarray(picks, dtype=np.int64))) if n else \
         pa.table({"record_id": pa.array([], pa.string()), "predicted_label": pa.array([], pa.string()),
-                  "confidence": pa.array([], pa.float32()), "model_version": pa.array([], pa.string())})
+                  "confidence": pa.array([], pa.float32()), "model_version": pa.array([], pa.string()),
+                  "modalities": pa.array([], pa.string())})
     ids = chosen.column("record_id")
     pieces = [pq.read_table(p, columns=["record_id", "text", "image", "audio"],
                             filters=[("record_id", "in", ids.to_pylist())]) for p in record_parts] if len(ids) else []

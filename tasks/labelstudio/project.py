@@ -1,8 +1,9 @@
 """One Label Studio project per label set, bootstrapped idempotently.
 
 The labeling config is generated from the label set: the face (Image), the utterance
-(Text) and a waveform (Audio) side by side, and one single-choice ``Choices`` control with
-hotkeys 1..9 in label order. The project title carries a short hash of the label set, so a
+(Text) and a waveform (Audio) side by side, a read-only line of what each modality alone
+says (a ``TextArea`` the model's prediction fills: "modalities disagree — face: joy 0.71 ·
+voice: anger 0.52"), and one single-choice ``Choices`` control with hotkeys 1..9 in label order. The project title carries a short hash of the label set, so a
 rerun finds the same project, and another label set gets another project. One local-files
 import storage is registered, on the project's published-media folder
 (``<document root>/affectloop-project-<id>/``, see ``tasks.labelstudio.media``) and on
@@ -28,7 +29,10 @@ from tasks.labelstudio.server import LabelStudioError
 
 FROM_NAME = "emotion"  # the Choices control
 TO_NAME = "text"  # the object the choice is attached to (always present in the config)
-CONFIG_VERSION = "1"  # bump when the generated config changes; reruns then update the project
+MODALITIES_NAME = "modalities"  # the read-only TextArea showing what each modality alone says
+# Bump when the generated config changes; reruns then update the project.
+# 2: the per-modality line (issue #15).
+CONFIG_VERSION = "2"
 # Shown instead of a missing face: Label Studio renders image data: URIs (not audio ones).
 NO_IMAGE_PLACEHOLDER = (
     "data:image/svg+xml;utf8,"
@@ -60,6 +64,7 @@ def labeling_config(labels: Sequence[str]) -> str:
     .affect-face {{ flex: 0 0 260px; }}
     .affect-words {{ flex: 1 1 320px; font-size: 18px; }}
     .affect-voice {{ flex: 1 1 420px; }}
+    .affect-modalities {{ margin-top: 12px; font-size: 16px; }}
   </Style>
   <View className="affect-row">
     <View className="affect-face">
@@ -75,12 +80,22 @@ def labeling_config(labels: Sequence[str]) -> str:
       <Audio name="audio" value="$audio" waveHeight="90" hotkey="space"/>
     </View>
   </View>
+  <View className="affect-modalities">
+    <Header value="What each modality says alone (model)" size="5"/>
+    <TextArea name="{MODALITIES_NAME}" toName="{TO_NAME}" editable="false" showSubmitButton="false"
+              maxSubmissions="1" rows="1" placeholder="no per-modality prediction"/>
+  </View>
   <Header value="Emotion (keys 1-{len(labels)})"/>
   <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInline="true" required="true">
 {choices}
   </Choices>
 </View>
 """
+
+
+def modality_result(line: str) -> dict[str, object]:
+    """A prediction result that fills the read-only per-modality TextArea with ``line``."""
+    return {"from_name": MODALITIES_NAME, "to_name": TO_NAME, "type": "textarea", "value": {"text": [line]}}
 
 
 @dataclass(frozen=True)

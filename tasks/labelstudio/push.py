@@ -39,7 +39,8 @@ from core.layout import LabelStudioLayout
 from core.schemas import UTC_TS
 from tasks.labelstudio.client import LabelStudioClient, LabelStudioUnavailable, batched
 from tasks.labelstudio.media import publish_media
-from tasks.labelstudio.project import FROM_NAME, NO_IMAGE_PLACEHOLDER, TO_NAME, LabelStudioProject
+from tasks.labelstudio.project import (FROM_NAME, NO_IMAGE_PLACEHOLDER, TO_NAME, LabelStudioProject,
+                                       modality_result)
 from tasks.labelstudio.server import LabelStudioAuthError, LabelStudioError
 from tasks.media import MediaError
 
@@ -64,6 +65,7 @@ SELECTION_SCHEMA = pa.schema([
     pa.field("predicted_label", pa.string()),
     pa.field("confidence", pa.float64()),
     pa.field("model_version", pa.string()),
+    pa.field("modalities", pa.string()),  # what each modality alone says (model.modality_view), if scored
 ])
 
 
@@ -157,15 +159,22 @@ def task_payload(row: dict[str, Any], project: LabelStudioProject,
         "has_image": bool(row.get("image")),
         "has_text": bool(row.get("text")),
         "has_audio": bool(row.get("audio")),
+        # Shown in the Data Manager (a column to sort and filter by) and, through the
+        # prediction's read-only text, in the labeling view.
+        "modalities": row.get("modalities") or "",
+        "modalities_disagree": (row.get("modalities") or "").startswith("modalities disagree"),
     }
     payload: dict[str, Any] = {"data": data}
     label = row.get("predicted_label")
     if label:
         if label not in project.labels:
             raise ValueError(f"record {row['record_id']}: predicted label {label!r} not in {project.labels}")
+        result: list[dict[str, Any]] = [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+                                         "value": {"choices": [label]}}]
+        if row.get("modalities"):
+            result.append(modality_result(row["modalities"]))
         prediction: dict[str, Any] = {
-            "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-                        "value": {"choices": [label]}}],
+            "result": result,
             "model_version": row.get("model_version") or "unknown",
         }
         if row.get("confidence") is not None:

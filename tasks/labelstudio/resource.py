@@ -81,7 +81,30 @@ def connect(settings: Settings, source_root: str | os.PathLike, start_local: boo
         make_private_tree(state)  # 0700 folders, 0600 files: state/ holds credentials and the ledger
     client = LabelStudioClient(creds)
     project = ensure_project(client, settings.labels, source_root, doc_root, annotations_per_task)
+    if server is not None and start_local and settings.ml_backend:
+        attach_local_ml_backend(settings, client, project)
     return LabelStudioSession(client, project, server, settings.layout.labelstudio)
+
+
+def attach_local_ml_backend(settings: Settings, client: LabelStudioClient, project: LabelStudioProject) -> str | None:
+    """Start (or reuse) the local ML backend and connect the project to it (idempotent).
+
+    A convenience of the local setup: when it fails the push or sync still runs (logged).
+    """
+    from tasks.labelstudio.ml_connect import (LocalMLBackend, MLBackendError, auth_from_settings, connect_ml_backend,
+                                              settings_env)
+
+    try:
+        auth = auth_from_settings(settings)
+        backend = LocalMLBackend(settings.data_root, settings.ml_backend_port)
+        url = backend.start(env=settings_env(settings))
+        connect_ml_backend(client, project.project_id, url, auth)
+        return url
+    except LabelStudioAuthError:
+        raise
+    except (MLBackendError, LabelStudioError, OSError) as exc:
+        log.warning("the project is not connected to the local ML backend: %s", exc)
+        return None
 
 
 def keep_pending(selected: pa.Table | str | os.PathLike | None, state: LabelStudioLayout,
@@ -114,12 +137,17 @@ def push_to_labelstudio(settings: Settings, selected: pa.Table | str | os.PathLi
     return push_selection(session.client, session.project, selected, state, model_version=model_version)
 
 
-def sync_from_labelstudio(settings: Settings) -> SyncResult:
-    """Pull new annotations into ``labels/annotations.parquet`` (consensus, agreement)."""
-    session = connect(settings, source_root_of(settings))
+def sync_from_labelstudio(settings: Settings, publish: bool = True, start_local: bool = True) -> SyncResult:
+    """Pull new annotations into ``labels/annotations.parquet`` (consensus, agreement).
+
+    The ML backend's webhook calls it with ``publish=False`` (no Prefect artifact, so no
+    Prefect API is needed) and ``start_local=False`` (the server that sent the event is up).
+    """
+    session = connect(settings, source_root_of(settings), start_local=start_local)
     result = sync_annotations(session.client, session.project, settings.layout.annotation_labels, session.state,
                               allowed_annotators=settings.label_studio_annotators)
-    publish_markdown(result.markdown(), key="annotation-agreement", description="annotators and agreement")
+    if publish:
+        publish_markdown(result.markdown(), key="annotation-agreement", description="annotators and agreement")
     return result
 
 

@@ -53,6 +53,16 @@ DEFAULT_START_TIMEOUT_S = 240.0
 # other host (DNS rebinding, a proxy forwarding the outside world) gets HTTP 400.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 SERVER_UMASK = 0o077  # every file Label Studio creates (database, exports, logs) is owner-only
+# Label Studio's SSRF guard (ML backends, webhooks) bans these networks by default; the local
+# server keeps banning all of them but loopback, where the local ML backend and its webhook live
+# (the server itself answers only on loopback: whoever reaches it can reach loopback already).
+BANNED_SUBNETS_BUT_LOOPBACK = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "233.252.0.0/24", "240.0.0.0/4", "255.255.255.255/32", "::/128", "::ffff:0:0/96",
+    "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001:0000::/32", "2001:20::/28",
+    "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "ff00::/8",
+)
 
 
 class LabelStudioError(RuntimeError):
@@ -252,8 +262,13 @@ class LocalLabelStudio:
             # No open signup: accounts come from the organization's invite link only.
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
             "LABEL_STUDIO_ALLOWED_HOSTS": ",".join(LOOPBACK_HOSTS),
+            # The local ML backend (127.0.0.1) and its webhook: loopback allowed, other reserved
+            # networks still refused (see BANNED_SUBNETS_BUT_LOOPBACK).
+            "LABEL_STUDIO_USE_DEFAULT_BANNED_SUBNETS": "false",
+            "LABEL_STUDIO_USER_ADDITIONAL_BANNED_SUBNETS": ",".join(BANNED_SUBNETS_BUT_LOOPBACK),
         }
-        for name in ("ALLOWED_HOSTS", "DISABLE_SIGNUP_WITHOUT_LINK"):
+        for name in ("ALLOWED_HOSTS", "DISABLE_SIGNUP_WITHOUT_LINK", "USE_DEFAULT_BANNED_SUBNETS",
+                     "USER_ADDITIONAL_BANNED_SUBNETS", "ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED"):
             env.pop(name, None)  # Label Studio reads the unprefixed names too: ours must win
         if not creds.get("provisioned"):
             # Only the start that creates the admin needs its password and token; afterwards
@@ -294,7 +309,13 @@ class LocalLabelStudio:
         make_private_tree(state)
 
     def stop(self, timeout_s: float = 20.0) -> bool:
-        """SIGTERM the server's process group, wait, SIGKILL if needed. Returns whether one was running."""
+        """SIGTERM the server's process group, wait, SIGKILL if needed. Returns whether one was running.
+
+        The local ML backend (``tasks.labelstudio.ml_connect``) serves this server: it stops too.
+        """
+        from tasks.labelstudio.ml_connect import LocalMLBackend
+
+        LocalMLBackend(self.data_root).stop()
         pid = self._recorded_pid_if_ours()
         if pid is None:
             return False
