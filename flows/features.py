@@ -36,7 +36,7 @@ from affectloop.schemas import FeatureSpec
 from affectloop.settings import Settings, get_settings
 from flows.runner import make_task_runner
 from tasks.features import FeaturesResult, extract_features_task, lookup_cached
-from tasks.ingest import PartitionResult, find_manifest, split_manifest, validate_partition_task
+from tasks.ingest import PartitionResult, count_ingest, find_manifest, split_manifest, validate_partition_task
 
 
 def new_run_id() -> str:
@@ -81,20 +81,18 @@ def run_ingest_and_features(settings: Settings, source: str | Path, run_id: str,
         validated = list(validate_partition_task.map(
             split.chunk_paths, unmapped(source_root), unmapped(run_dir), unmapped(run_id),
             unmapped(settings.limits)).result())
+    counts = count_ingest(split, validated)  # rows in = accepted + rejected, or the run fails here
     featurised = run_features([v.records_path for v in validated], source_root, settings, run_id, run_dir,
                               spec, stop_words)
-    rejected_by_reason: dict[str, int] = {}
-    for result in validated:
-        for reason, count in result.rejected_by_reason.items():
-            rejected_by_reason[reason] = rejected_by_reason.get(reason, 0) + count
     return {
         "run_id": run_id,
         "run_dir": str(run_dir),
         "partitions": len(split.chunk_paths),
-        "records_in": split.n_rows,
-        "records_valid": sum(v.n_ok for v in validated),
-        "rejected_ingest": split.n_rejected + sum(v.n_rejected for v in validated),
-        "rejected_ingest_by_reason": dict(sorted(rejected_by_reason.items())),
+        "records_in": counts.rows_in,
+        "records_valid": counts.accepted,
+        "rejected_ingest": counts.rejected,
+        "rejected_ingest_by_reason": counts.rejected_by_reason,
+        "ingest_conservation": counts.summary(),
         "rejected_preprocess": sum(f.n_rejected for f in featurised),
         "features_ok": sum(f.n_ok for f in featurised),
         "features_cached": sum(f.n_cached for f in featurised),

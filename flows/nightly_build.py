@@ -26,7 +26,7 @@ from affectloop.settings import Settings, get_settings
 from flows.features import new_run_id, run_ingest_and_features
 from flows.report import RunReport
 from flows.runner import make_task_runner
-from tasks.ingest import find_manifest, load_gold_labels
+from tasks.ingest import find_manifest, gold_label_ids, load_gold_labels
 from tasks.publish import load_labels, merge_labels, publish_rejects, publish_scores
 from tasks.score import score_partition_task
 from tasks.select import read_id_set, select_for_annotation_task
@@ -63,6 +63,9 @@ def run_nightly_build(settings: Settings, run_date: date, push_to_label_studio: 
         stage.counts = {"in": built["records_in"], "valid": built["records_valid"],
                         "rejected": built["rejected_ingest"] + built["rejected_preprocess"],
                         "features": built["features_ok"], "cached": built["features_cached"]}
+        report.facts["ingest"] = built["ingest_conservation"]
+        if built["records_valid"] == 0:
+            stage.note = f"0 accepted, {built['rejected_ingest']} rejected: nothing to score or select"
     features_paths = built["features_paths"]
 
     version = production_version(settings)
@@ -79,9 +82,11 @@ def run_nightly_build(settings: Settings, run_date: date, push_to_label_studio: 
             stage.note = f"model {version}"
 
     with report.stage("select") as stage:
+        # This run's gold labels are merged into labels/ only in the write stage: exclude them here too.
+        excluded = excluded_from_selection(settings) | gold_label_ids(built["records_paths"])
         selection = select_for_annotation_task(
             built["records_paths"], settings.annotation_budget, run_dir / "selection.parquet", settings.labels,
-            excluded_from_selection(settings), settings.selection_strategy, score_parts=score_parts,
+            excluded, settings.selection_strategy, score_parts=score_parts,
             feature_parts=features_paths if not score_parts else (), seed=settings.seed)
         stage.counts = {"selected": len(selection.selected_ids), "eligible": selection.n_eligible}
         stage.note = selection.strategy

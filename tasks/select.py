@@ -125,8 +125,10 @@ def select_for_annotation(record_parts: Sequence[str | Path], budget: int, out_p
     else:
         picks = np.zeros(0, dtype=int)
     chosen = info.take(pa.array(np.asarray(picks, dtype=np.int64)))
-    records = pa.concat_tables([pq.read_table(p, columns=["record_id", "text", "image", "audio"])
-                                for p in record_parts])
+    tables = [pq.read_table(p, columns=["record_id", "text", "image", "audio"]) for p in record_parts]
+    if not tables:  # every row of the source was rejected: nothing to choose from
+        tables = [pa.table({name: pa.array([], pa.string()) for name in ("record_id", "text", "image", "audio")})]
+    records = pa.concat_tables(tables)
     records = records.filter(pc.is_in(records.column("record_id"), value_set=chosen.column("record_id")))
     selection = records.join(chosen, "record_id").select(SELECTION_COLUMNS).sort_by("record_id")
     write_parquet(selection, out_path)
