@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import datetime
+import datetime as dt
 import decimal
 import hashlib
 import json
@@ -78,6 +78,9 @@ MAX_NESTING = 64  # levels of lists and objects in one row's values
 SNIFF_BYTES = 64 * 1024  # what the early check reads of a text manifest
 PREFLIGHT_OBJECTS = 1000  # JSONL objects the early check reads looking for a record_id key
 UTF8_BOM = b"\xef\xbb\xbf"
+# One CSV record as RFC 4180 writes it: quotes only around whole fields, doubled inside.
+_CSV_FIELD = r'(?:"[^"]*(?:""[^"]*)*"|[^,"\r\n]*)'
+_STRICT_CSV_RECORD = re.compile(rf"{_CSV_FIELD}(?:,{_CSV_FIELD})*(?:\r?\n)?")
 # C0 control bytes other than tab, LF, VT, FF, CR and ESC: text does not contain them.
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")
 
@@ -371,9 +374,10 @@ def _physical_lines(handle: BinaryIO, max_bytes: int) -> Iterator[tuple[int, byt
         if not raw:
             return
         line_no += 1
+        complete = raw.endswith(b"\n") or len(raw) < limit  # a short read without LF is the end of the file
         if line_no == 1 and raw.startswith(UTF8_BOM):
             raw = raw[len(UTF8_BOM):]
-        if raw.endswith(b"\n") or len(raw) < limit:
+        if complete:
             size = len(raw) - (2 if raw.endswith(b"\r\n") else 1 if raw.endswith(b"\n") else 0)
             yield (line_no, raw, size) if size <= max_bytes else (line_no, None, size)
             continue
@@ -508,9 +512,15 @@ class _CsvRecords:
         except _RecordTooLong as exc:
             problem = str(exc)
         else:
-            if n_fields is None or len(values) == n_fields:
+            if n_fields is not None and len(values) != n_fields:
+                problem = f"{len(values)} fields, the header has {n_fields}"
+            elif len(self._taken) > 1 and not _STRICT_CSV_RECORD.fullmatch(
+                    b"".join(raw for _, raw, _ in self._taken).decode("utf-8", errors="surrogateescape")):
+                # Parsed, but with a quote where RFC 4180 allows none: the reader most likely
+                # paired a stray quote with one of a later row. Treat it as malformed.
+                problem = "a stray quote joins it to the lines after it"
+            else:
                 return line_no, values
-            problem = f"{len(values)} fields, the header has {n_fields}"
         taken = self._taken
         if len(taken) > 1:
             # The record ran into the lines after this one: a quote opened here was not closed
@@ -729,9 +739,9 @@ def _jsonable(value: Any, where: str, depth: int = 0) -> Any:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             return "base64:" + base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
-    if isinstance(value, (datetime.timedelta, decimal.Decimal, uuid.UUID)):
+    if isinstance(value, (dt.timedelta, decimal.Decimal, uuid.UUID)):
         return str(value)
     if isinstance(value, (list, tuple)):
         return [_jsonable(v, where, depth + 1) for v in value]
@@ -1096,8 +1106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = ingest_local(args.source, args.out, partition_size=args.partition_size)
     except ManifestError as exc:
-        print(f"source unusable: {exc}", file=sys.stderr)
-        return 3
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(summary))
     return 0
 

@@ -225,6 +225,17 @@ def test_jsonl_line_over_the_row_limit(tmp_path):
     assert rejects[0]["detail"] == "manifest.jsonl line 2: the row is 5032 bytes; a manifest row may hold at most 4096"
 
 
+def test_oversized_first_line_after_a_byte_order_mark(tmp_path):
+    """Found by the fuzz: the BOM was dropped before telling a cut line from the end of the file."""
+    src = tmp_path / "source"
+    src.mkdir()
+    (src / "manifest.jsonl").write_bytes(b'\xef\xbb\xbf{"record_id": "big", "text": "' + b"z" * 5000 + b'"}\n'
+                                         b'{"record_id": "ok", "text": "fine"}\n')
+    _, records, rejects = ingest(src, tmp_path / "run", max_row_bytes=4096)
+    assert [r["record_id"] for r in records] == ["ok"]
+    assert [r["detail"].split(":")[0] for r in rejects] == ["manifest.jsonl line 1"]
+
+
 # ---------------------------------------------------------------------------------- Parquet and ids
 
 
