@@ -546,7 +546,12 @@ def _csv_header(path: Path, first: tuple[int, list[str] | str] | None) -> list[s
     if len(set(header)) != len(header):
         raise ManifestError(f"{path}: duplicate column names in the header {header}")
     if "record_id" not in header:
-        hint = " (it looks like JSON: rename it to manifest.jsonl)" if header[0].startswith(("{", "[")) else ""
+        hint = ""
+        if header[0].startswith(("{", "[")):
+            hint = " (it looks like JSON: rename it to manifest.jsonl)"
+        for delimiter, name in (("\t", "tab"), (";", "semicolon"), ("|", "pipe")):
+            if any("record_id" in [part.strip() for part in value.split(delimiter)] for value in header):
+                hint = f" (it looks {name}-separated; a manifest.csv is comma-separated)"
         raise ManifestError(f"{path}: no record_id column (columns: {', '.join(header)}){hint}")
     return header
 

@@ -295,6 +295,17 @@ def test_parquet_bad_cells_are_one_reject_each(tmp_path):
     assert json.loads(records[0]["metadata"]) == {"tags": ["a"], "taken": "1970-01-01T00:00:00"}
 
 
+def test_parquet_column_of_the_wrong_type_rejects_the_rows_that_use_it(tmp_path):
+    src = tmp_path / "source"
+    src.mkdir()
+    pq.write_table(pa.table({"record_id": ["a", "b", "c"], "text": ["x", "y", "z"],
+                             "image": pa.array([None, 7, None], pa.int64())}), src / "manifest.parquet")
+    _, records, rejects = ingest(src, tmp_path / "run")
+    assert [r["record_id"] for r in records] == ["a", "c"]
+    assert [(r["record_id"], r["reason"], r["detail"]) for r in rejects] == [
+        ("b", "bad_manifest_row", "manifest.parquet row 2: image must be a string, got an integer")]
+
+
 def test_parquet_unreadable_row_group_rejects_its_rows_only(tmp_path):
     src = tmp_path / "source"
     src.mkdir()
@@ -358,6 +369,10 @@ WHOLE_FILE_CASES = {
     "jsonl_no_record_id": ("manifest.jsonl", b'{"id": "a", "text": "x"}\n{"id": "b"}\n',
                            "no record_id key in any of its 2 objects (keys: id, text)"),
     "csv_no_record_id": ("manifest.csv", b"id,text\na,x\n", "no record_id column (columns: id, text)"),
+    "tsv_named_csv": ("manifest.csv", b"record_id\ttext\na\tx\n",
+                      "(it looks tab-separated; a manifest.csv is comma-separated)"),
+    "semicolon_csv": ("manifest.csv", b"record_id;text\na;x\n",
+                      "(it looks semicolon-separated; a manifest.csv is comma-separated)"),
     "parquet_no_record_id": ("manifest.parquet", _parquet_bytes(pa.table({"id": ["a"]})),
                              "no record_id column (columns: id)"),
     "csv_header_only": ("manifest.csv", b"record_id,text\n\n\n", "has a header but no data rows"),
