@@ -492,8 +492,12 @@ class _CsvRecords:
                 raise _RecordTooLong(f"the record runs over more than {MAX_CSV_RECORD_LINES} lines")
             yield raw.decode("utf-8", errors="surrogateescape")
 
-    def next(self, n_fields: int | None) -> tuple[int, list[str] | str] | None:
-        """The next record ``(first line, values)``, ``(first line, problem)``, or None at the end."""
+    def next(self, header: list[str] | None) -> tuple[int, list[str] | str] | None:
+        """The next record ``(first line, values)``, ``(first line, problem)``, or None at the end.
+
+        ``header``: the column names, once read (None while reading the header itself).
+        """
+        n_fields = None if header is None else len(header)
         while True:
             item = self.next_line()
             if item is None:
@@ -519,6 +523,10 @@ class _CsvRecords:
                 # Parsed, but with a quote where RFC 4180 allows none: the reader most likely
                 # paired a stray quote with one of a later row. Treat it as malformed.
                 problem = "a stray quote joins it to the lines after it"
+            elif len(self._taken) > 1 and header is not None and self._swallowed_a_row(header, values):
+                # Well-formed, but two stray quotes paired up across rows: a line inside the
+                # quoted field is a row of this file, or an id, path or label holds a line break.
+                problem = "a stray quote joins it to the rows after it"
             else:
                 return line_no, values
         taken = self._taken
@@ -529,6 +537,21 @@ class _CsvRecords:
             problem = (f"a quote opened on this line is not closed on it (read on, the record took "
                        f"{len(taken) - 1} more line{'s' if len(taken) > 2 else ''}: {problem})")
         return line_no, f"{problem}: {_excerpt(raw)}"
+
+
+    def _swallowed_a_row(self, header: list[str], values: list[str]) -> bool:
+        if any("\n" in values[i] or "\r" in values[i] for i, name in enumerate(header)
+               if name in ("record_id", "image", "audio", "label")):
+            return True
+        id_index = header.index("record_id")
+        for _, raw, _ in self._taken[1:]:
+            try:
+                alone = next(csv.reader([raw.decode("utf-8", errors="surrogateescape")]), [])
+            except csv.Error:
+                continue
+            if len(alone) == len(header) and RECORD_ID_PATTERN.fullmatch(alone[id_index]):
+                return True
+        return False
 
 
 def _csv_header(path: Path, first: tuple[int, list[str] | str] | None) -> list[str]:
@@ -562,7 +585,7 @@ def _iter_csv(path: Path, max_row_bytes: int) -> Iterator[tuple[int, dict[str, A
     with open(path, "rb") as handle:
         records = _CsvRecords(_physical_lines(handle, max_row_bytes), max_row_bytes)
         header = _csv_header(path, records.next(None))
-        while (record := records.next(len(header))) is not None:
+        while (record := records.next(header)) is not None:
             line_no, values = record
             if isinstance(values, str):
                 yield line_no, values
@@ -918,8 +941,10 @@ def count_ingest(split: SplitResult, partitions: Sequence[PartitionResult]) -> I
     if sorted(by_part) != sorted(chunk_rows) or len(by_part) != len(partitions):
         problems.append(f"{len(chunk_rows)} chunks but {len(partitions)} validated partitions")
     accepted, rejected = 0, split_rejected
-    reasons: Counter[str] = Counter(pq.read_table(split.rejects_path, columns=["reason"]).column("reason")
-                                    .cast(pa.string()).to_pylist())
+    reasons: Counter[str] = Counter()
+    for batch in pq.ParquetFile(split.rejects_path).iter_batches(columns=["reason"]):  # a source may be all rejects
+        counts = batch.column(0).cast(pa.string()).value_counts()
+        reasons.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
     for suffix, part in sorted(by_part.items()):
         ok, bad = n(part.records_path), n(part.rejects_path)
         if ok + bad != chunk_rows.get(suffix, -1) or (ok, bad) != (part.n_ok, part.n_rejected):

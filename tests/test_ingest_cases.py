@@ -84,6 +84,21 @@ def test_csv_unclosed_quote_on_row_6_of_100_costs_one_row(tmp_path, text_after):
     assert texts["r006"] == ('hello, "world" number 6' if text_after == "quoted" else "hello world number 6")
 
 
+@pytest.mark.parametrize("lines, lost", [
+    # Found by the fuzz: two stray quotes pair up and the rows between them parse as one field.
+    ([b"image,record_id,text\n", b'",r2,oops\n', b",r3,good\n", b",r4,good too\n", b'",r5,again\n', b",r6,last\n"],
+     {"r2", "r5"}),
+    ([b"record_id,text,label\n", b'r2,"oops,\n', b"r3,good,\n", b'",joy\n', b"r4,fine,\n"], {"r2"}),
+])
+def test_csv_two_stray_quotes_do_not_swallow_the_rows_between(tmp_path, lines, lost):
+    src = tmp_path / "source"
+    _write(src, "manifest.csv", b"".join(lines))
+    _, records, rejects = ingest(src, tmp_path / "run")
+    ids = {line.split(b",")[1 if lines[0].startswith(b"image") else 0].strip(b'"\n').decode() for line in lines[1:]}
+    assert {r["record_id"] for r in records} == {i for i in ids if i.startswith("r")} - lost
+    assert all(r["reason"] == "bad_manifest_row" for r in rejects)
+
+
 def test_csv_quoted_field_over_several_lines_is_one_record(tmp_path):
     src = tmp_path / "source"
     write_csv(src / "manifest.csv", [["a", "line one\nline two, with a comma", ""], ["b", "plain", "fear"]])
