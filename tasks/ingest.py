@@ -543,12 +543,15 @@ class _CsvRecords:
         if any("\n" in values[i] or "\r" in values[i] for i, name in enumerate(header)
                if name in ("record_id", "image", "audio", "label")):
             return True
+        if len(header) < 3:
+            # With two columns, any line of a multi-line text with one comma would look like a row.
+            return False
         id_index = header.index("record_id")
-        for _, raw, _ in self._taken[1:]:
-            try:
-                alone = next(csv.reader([raw.decode("utf-8", errors="surrogateescape")]), [])
-            except csv.Error:
+        for _, raw, _ in self._taken[1:-1]:  # the lines wholly inside the quoted field
+            line = raw.decode("utf-8", errors="surrogateescape")
+            if not _STRICT_CSV_RECORD.fullmatch(line):
                 continue
+            alone = next(csv.reader([line]), [])
             if len(alone) == len(header) and RECORD_ID_PATTERN.fullmatch(alone[id_index]):
                 return True
         return False

@@ -99,6 +99,16 @@ def test_csv_two_stray_quotes_do_not_swallow_the_rows_between(tmp_path, lines, l
     assert all(r["reason"] == "bad_manifest_row" for r in rejects)
 
 
+def test_csv_multi_line_text_whose_lines_look_like_rows_is_kept(tmp_path):
+    """The row-shape test is not applied to a two-column file, nor to the line holding the closing quote."""
+    src = tmp_path / "source"
+    write_csv(src / "manifest.csv", [["a", "Hello there,\nWell, yes\nI said, no.", ""], ["b", "x", ""]])
+    _write(tmp_path / "two", "manifest.csv", b'record_id,text\na,"Hi\nWell,yes\nok"\nb,x\n')
+    for folder in (src, tmp_path / "two"):
+        _, records, rejects = ingest(folder, tmp_path / f"run-{folder.name}")
+        assert rejects == [] and [r["record_id"] for r in records] == ["a", "b"]
+
+
 def test_csv_quoted_field_over_several_lines_is_one_record(tmp_path):
     src = tmp_path / "source"
     write_csv(src / "manifest.csv", [["a", "line one\nline two, with a comma", ""], ["b", "plain", "fear"]])
