@@ -94,7 +94,7 @@ CHUNK_SCHEMA = pa.schema(
         pa.field("audio", pa.string()),
         pa.field("label", pa.string()),
         pa.field("metadata", pa.string()),
-        pa.field("source_row", pa.int64(), nullable=False),  # the row's (first) line in a JSONL or CSV, its row in a Parquet
+        pa.field("source_row", pa.int64(), nullable=False),  # (first) line in a JSONL or CSV, row in a Parquet
         pa.field("position", pa.string(), nullable=False),  # the same, for messages: "manifest.csv line 7"
     ]
 )
