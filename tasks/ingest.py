@@ -425,12 +425,16 @@ def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, An
     return obj
 
 
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicate_keys)
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, allow_nan=False)
+
+
 def _parse_json_line(raw: bytes) -> dict[str, Any] | str:
     # surrogateescape: invalid UTF-8 survives as lone surrogates, which the field checks
     # reject for that row only (bad_text in the text, bad_id in the id, bad_manifest_row elsewhere).
     line = raw.decode("utf-8", errors="surrogateescape")
     try:
-        value = json.loads(line, object_pairs_hook=_object_without_duplicate_keys)
+        value = _JSON_DECODER.decode(line)
     except _DuplicateKey as exc:
         return f"the key {_excerpt(exc.key)} appears twice in one object"
     except json.JSONDecodeError as exc:
@@ -470,27 +474,33 @@ class _CsvRecords:
         self._pushback: deque[tuple[int, bytes | None, int]] = deque()
         self._taken: list[tuple[int, bytes | None, int]] = []
         self._bytes = 0
+        # One reader for the whole file, pulling lines through __next__ (it resets its state
+        # at the start of every record, after an error too).
+        self._reader = csv.reader(self, strict=True)
 
     def next_line(self) -> tuple[int, bytes | None, int] | None:
         if self._pushback:
             return self._pushback.popleft()
         return next(self._lines, None)
 
-    def _feed(self) -> Iterator[str]:
-        while True:
-            item = self.next_line()
-            if item is None:
-                return
-            self._taken.append(item)
-            line_no, raw, size = item
-            if raw is None:
-                raise _RecordTooLong(f"line {line_no} inside it is {size} bytes")
-            self._bytes += len(raw)
-            if self._bytes > self._max:
-                raise _RecordTooLong(f"the record grows past {self._max} bytes")
-            if len(self._taken) > MAX_CSV_RECORD_LINES:
-                raise _RecordTooLong(f"the record runs over more than {MAX_CSV_RECORD_LINES} lines")
-            yield raw.decode("utf-8", errors="surrogateescape")
+    def __iter__(self) -> "_CsvRecords":
+        return self
+
+    def __next__(self) -> str:
+        """The next physical line for the csv reader, logged in ``_taken`` and bounded."""
+        item = self._pushback.popleft() if self._pushback else next(self._lines, None)
+        if item is None:
+            raise StopIteration
+        self._taken.append(item)
+        line_no, raw, size = item
+        if raw is None:
+            raise _RecordTooLong(f"line {line_no} inside it is {size} bytes")
+        self._bytes += len(raw)
+        if self._bytes > self._max:
+            raise _RecordTooLong(f"the record grows past {self._max} bytes")
+        if len(self._taken) > MAX_CSV_RECORD_LINES:
+            raise _RecordTooLong(f"the record runs over more than {MAX_CSV_RECORD_LINES} lines")
+        return raw.decode("utf-8", errors="surrogateescape")
 
     def next(self, header: list[str] | None) -> tuple[int, list[str] | str] | None:
         """The next record ``(first line, values)``, ``(first line, problem)``, or None at the end.
@@ -510,7 +520,7 @@ class _CsvRecords:
         self._pushback.appendleft(item)
         self._taken, self._bytes = [], 0
         try:
-            values = next(csv.reader(self._feed(), strict=True), [])
+            values = next(self._reader, [])
         except csv.Error as exc:
             problem = "a quoted field is not closed" if str(exc) == "unexpected end of data" else f"malformed CSV ({exc})"
         except _RecordTooLong as exc:
@@ -753,17 +763,21 @@ class _NotJson(ValueError):
     pass
 
 
-def _jsonable(value: Any, where: str, depth: int = 0) -> Any:
-    """A manifest value as plain JSON, deterministically (no reprs); raises _NotJson saying why not."""
+def _jsonable(value: Any, key: str, depth: int = 0) -> Any:
+    """Field ``key``'s value as plain JSON, deterministically (no reprs); raises _NotJson saying why not."""
+    if type(value) in (str, int, bool) or value is None:  # the common case, first
+        if type(value) is str and not _valid_str(value):
+            raise _NotJson(f"field {key!r} is not valid UTF-8: {_excerpt(value)}")
+        return value
     if depth > MAX_NESTING:
-        raise _NotJson(f"{where} is nested more than {MAX_NESTING} levels deep")
-    if value is None or isinstance(value, (bool, int)):
+        raise _NotJson(f"field {key!r} is nested more than {MAX_NESTING} levels deep")
+    if isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)  # NaN/inf are not JSON: kept as "nan", "inf"
     if isinstance(value, str):
         if not _valid_str(value):
-            raise _NotJson(f"{where} is not valid UTF-8: {_excerpt(value)}")
+            raise _NotJson(f"field {key!r} is not valid UTF-8: {_excerpt(value)}")
         return value
     if isinstance(value, (bytes, bytearray)):
         try:
@@ -775,19 +789,19 @@ def _jsonable(value: Any, where: str, depth: int = 0) -> Any:
     if isinstance(value, (dt.timedelta, decimal.Decimal, uuid.UUID)):
         return str(value)
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v, where, depth + 1) for v in value]
+        return [_jsonable(v, key, depth + 1) for v in value]
     if isinstance(value, dict):
         out = {}
-        for key, v in value.items():
-            if not isinstance(key, str):
-                key = json.dumps(_jsonable(key, where, depth + 1), ensure_ascii=False, sort_keys=True)
-            if not _valid_str(key):
-                raise _NotJson(f"{where} has a key that is not valid UTF-8: {_excerpt(key)}")
-            out[key] = _jsonable(v, where, depth + 1)
+        for name, v in value.items():
+            if not isinstance(name, str):
+                name = json.dumps(_jsonable(name, key, depth + 1), ensure_ascii=False, sort_keys=True)
+            if not _valid_str(name):
+                raise _NotJson(f"field {key!r} has a key that is not valid UTF-8: {_excerpt(name)}")
+            out[name] = _jsonable(v, key, depth + 1)
         return out
     if isinstance(value, _BadCell):
         raise _NotJson(value.detail)
-    raise _NotJson(f"{where} is {_kind(value)}, which cannot be kept as JSON metadata")
+    raise _NotJson(f"field {key!r} is {_kind(value)}, which cannot be kept as JSON metadata")
 
 
 def check_row(row: dict[str, Any], where: str, labels: Sequence[str], seen_ids: set[str],
@@ -827,8 +841,7 @@ def check_row(row: dict[str, Any], where: str, labels: Sequence[str], seen_ids: 
 
     extra = {k: v for k, v in row.items() if k not in CORE_FIELDS}
     try:
-        metadata = (json.dumps({k: _jsonable(v, f"field {k!r}") for k, v in extra.items()}, ensure_ascii=False,
-                               sort_keys=True, allow_nan=False) if extra else None)
+        metadata = _JSON_ENCODER.encode({k: _jsonable(v, k) for k, v in extra.items()}) if extra else None
     except _NotJson as exc:
         return None, ("bad_manifest_row", f"{where}: {exc}", record_id)
     return {
