@@ -75,12 +75,14 @@ def _one_line(exc: Exception) -> str:
 @contextmanager
 def _exit_codes() -> Iterator[None]:
     """Map the errors a user can act on to exit codes and one clear line each."""
+    from rich.markup import escape
+
     from tasks.ingest import ManifestError
 
     try:
         yield
     except ManifestError as exc:
-        err.print(f"[red]source unusable:[/] {exc}")
+        err.print(f"[red]source unusable:[/] {escape(str(exc))}", soft_wrap=True)  # one line; file text is not markup
         raise typer.Exit(EXIT_SOURCE)
     except typer.Exit:
         raise

@@ -24,7 +24,7 @@ from core.schemas import FeatureSpec
 from core.settings import Settings, get_settings
 from flows.runner import AffectloopTaskRunner
 from tasks.features import FeaturesResult, IngestFeaturesSummary, extract_features_task, lookup_cached_task
-from tasks.ingest import find_manifest, new_run_id, split_manifest_task, validate_partition_task
+from tasks.ingest import count_ingest_task, find_manifest, new_run_id, split_manifest_task, validate_partition_task
 
 
 def ingest_and_featurise(settings: Settings, run_id: str, stop_words: bool = True) -> IngestFeaturesSummary:
@@ -38,9 +38,10 @@ def ingest_and_featurise(settings: Settings, run_id: str, stop_words: bool = Tru
     validated = list(validate_partition_task.map(split.chunk_paths, unmapped(source_root), unmapped(run_dir),
                                                  unmapped(run_id), unmapped(settings.limits)).result()) \
         if split.chunk_paths else []
+    counts = count_ingest_task(split, validated)  # rows in = accepted + rejected, or the run fails here
     featurised = featurise([v.records_path for v in validated], source_root, features_dir, run_dir, run_id,
                            spec, stop_words)
-    return IngestFeaturesSummary.of(run_id, run_dir, split, validated, featurised)
+    return IngestFeaturesSummary.of(run_id, run_dir, split, validated, featurised, counts)
 
 
 def featurise(records_paths: Sequence[Path], source_root: Path, features_dir: Path, run_dir: Path, run_id: str,

@@ -123,6 +123,7 @@ class IngestFeaturesSummary:
     records_valid: int
     rejected_ingest: int
     rejected_ingest_by_reason: dict[str, int]
+    ingest_conservation: str  # "N rows in = A accepted + R rejected", checked by tasks.ingest.count_ingest
     rejected_preprocess: int
     features_ok: int
     features_cached: int
@@ -132,17 +133,14 @@ class IngestFeaturesSummary:
 
     @classmethod
     def of(cls, run_id: str, run_dir: Path, split: Any, validated: Sequence[Any],
-           featurised: Sequence["FeaturesResult"]) -> "IngestFeaturesSummary":
-        """From the split (``tasks.ingest.SplitResult``), the validated partitions and their features."""
-        by_reason: dict[str, int] = {}
-        for result in validated:
-            for reason, count in result.rejected_by_reason.items():
-                by_reason[reason] = by_reason.get(reason, 0) + count
+           featurised: Sequence["FeaturesResult"], counts: Any) -> "IngestFeaturesSummary":
+        """From the split (``tasks.ingest.SplitResult``), the validated partitions, their
+        features and ingest's checked counts (``tasks.ingest.IngestCounts``)."""
         return cls(
-            run_id=run_id, run_dir=Path(run_dir), partitions=len(split.chunk_paths), records_in=split.n_rows,
-            records_valid=sum(v.n_ok for v in validated),
-            rejected_ingest=split.n_rejected + sum(v.n_rejected for v in validated),
-            rejected_ingest_by_reason=dict(sorted(by_reason.items())),
+            run_id=run_id, run_dir=Path(run_dir), partitions=len(split.chunk_paths), records_in=counts.rows_in,
+            records_valid=counts.accepted, rejected_ingest=counts.rejected,
+            rejected_ingest_by_reason=dict(sorted(counts.rejected_by_reason.items())),
+            ingest_conservation=counts.summary(),
             rejected_preprocess=sum(f.n_rejected for f in featurised),
             features_ok=sum(f.n_ok for f in featurised), features_cached=sum(f.n_cached for f in featurised),
             records_paths=[str(v.records_path) for v in validated],
@@ -160,6 +158,7 @@ class IngestFeaturesSummary:
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), "partitions": self.partitions,
                 "records_in": self.records_in, "records_valid": self.records_valid,
                 "rejected_ingest": self.rejected_ingest, "rejected_ingest_by_reason": self.rejected_ingest_by_reason,
+                "ingest_conservation": self.ingest_conservation,
                 "rejected_preprocess": self.rejected_preprocess, "features_ok": self.features_ok,
                 "features_cached": self.features_cached, "records_paths": self.records_paths,
                 "features_paths": self.features_paths, "rejects_paths": self.rejects_paths}

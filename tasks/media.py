@@ -48,6 +48,30 @@ AUDIO_FORMATS: dict[str, frozenset[str]] = {
     ".ogg": frozenset({"OGG"}),
 }
 
+# Leading bytes -> (kind, format name) for content sniffing. The names match Pillow's and
+# libsndfile's where those decode the format, so a sniffed name can be compared with
+# IMAGE_FORMATS / AUDIO_FORMATS directly.
+_MAGIC: tuple[tuple[bytes, str, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image", "PNG"),
+    (b"\xff\xd8\xff", "image", "JPEG"),
+    (b"GIF87a", "image", "GIF"),
+    (b"GIF89a", "image", "GIF"),
+    (b"II*\x00", "image", "TIFF"),
+    (b"MM\x00*", "image", "TIFF"),
+    (b"fLaC", "audio", "FLAC"),
+    (b"OggS", "audio", "OGG"),
+    (b"ID3", "audio", "MP3"),
+    (b"%PDF-", "document", "PDF"),
+    (b"PK\x03\x04", "archive", "ZIP"),
+    (b"\x1f\x8b", "archive", "GZIP"),
+    (b"PAR1", "table", "PARQUET"),
+)
+_BMP_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})
+# Object reprs and memory addresses ("<_io.BytesIO object at 0x7f…>") differ between two runs
+# of the same input; details never carry them.
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r"\s*\bat 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{8,}")
+
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # file:, http://, s3://, and Windows drives (C:)
 # Unicode category Cc is exactly U+0000-001F and U+007F-009F; tab, LF and CR are kept.
 _CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -78,6 +102,54 @@ class AudioInfo:
     frames: int
     seconds: float
     subtype: str
+
+
+@dataclass(frozen=True)
+class Sniffed:
+    kind: str  # image | audio | video | document | archive | table
+    format: str  # PNG, JPEG, WAV, FLAC, ... (Pillow / libsndfile names where they exist)
+
+    def __str__(self) -> str:
+        return f"{self.format} {self.kind}" if self.kind in ("image", "audio", "video") else f"a {self.format} {self.kind}"
+
+
+def sniff_format(data: bytes) -> Sniffed | None:
+    """What the leading bytes say the content is, or None when they match no format we know.
+
+    Used before decoding so that a WAV named ``.jpg`` is a ``format_mismatch`` (the file is
+    fine, its name is wrong) and only content of the right kind that fails to decode is a
+    ``decode_error``.
+    """
+    head = bytes(data[:64])
+    for magic, kind, name in _MAGIC:
+        if head.startswith(magic):
+            return Sniffed(kind, name)
+    if len(head) >= 12 and head[:4] in (b"RIFF", b"RIFX", b"RF64"):
+        form = head[8:12]
+        if form == b"WAVE":
+            return Sniffed("audio", "RF64" if head[:4] == b"RF64" else "WAV")
+        if form == b"WEBP":
+            return Sniffed("image", "WEBP")
+        if form == b"AVI ":
+            return Sniffed("video", "AVI")
+    if len(head) >= 12 and head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return Sniffed("audio", "AIFF")
+    if len(head) >= 12 and head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"mif1", b"avif"):
+            return Sniffed("image", "AVIF" if brand == b"avif" else "HEIC")
+        return Sniffed("audio", "M4A") if brand.startswith(b"M4A") else Sniffed("video", "MP4")
+    if len(head) >= 18 and head[:2] == b"BM" and head[6:10] == b"\0\0\0\0":
+        (header_size,) = struct.unpack("<I", head[14:18])
+        if header_size in _BMP_HEADER_SIZES:
+            return Sniffed("image", "BMP")
+    return None
+
+
+def _check_sniffed(data: bytes, name: str, expected: frozenset[str]) -> None:
+    sniffed = sniff_format(data)
+    if sniffed is not None and sniffed.format not in expected:
+        raise MediaError("format_mismatch", f"{name}: content is {sniffed}, extension says {'/'.join(sorted(expected))}")
 
 
 # ---------------------------------------------------------------------------------- paths
@@ -172,6 +244,7 @@ def check_image_bytes(data: bytes, name: str, limits: Limits) -> ImageInfo:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; truncated images "
                            "would pass ingest. Whatever set it must not run in the ingest worker.")
     expected = _suffix_formats(name, IMAGE_FORMATS, "image")
+    _check_sniffed(data, name, expected)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides below
@@ -221,6 +294,7 @@ def check_audio_bytes(data: bytes, name: str, limits: Limits) -> AudioInfo:
     frames actually decoded must equal the frames the header declares.
     """
     expected = _suffix_formats(name, AUDIO_FORMATS, "audio")
+    _check_sniffed(data, name, expected)
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as exc:  # soundfile.LibsndfileError (a RuntimeError), struct/Value errors
@@ -323,12 +397,18 @@ def check_text(value: object, limits: Limits) -> str:
     return cleaned
 
 
+def clean_detail(text: str) -> str:
+    """A detail without object reprs or memory addresses, so two runs of one input agree byte for byte."""
+    return _ADDRESS.sub("", _OBJECT_REPR.sub("the file", text))
+
+
 def _short(exc: BaseException, limit: int = 200) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    text = clean_detail(f"{type(exc).__name__}: {exc}")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 __all__ = [
-    "AUDIO_FORMATS", "IMAGE_FORMATS", "AudioInfo", "ImageInfo", "MediaError", "check_audio", "check_audio_bytes",
-    "check_image", "check_image_bytes", "check_text", "read_media_bytes", "resolve_media_path",
+    "AUDIO_FORMATS", "IMAGE_FORMATS", "AudioInfo", "ImageInfo", "MediaError", "Sniffed", "check_audio",
+    "check_audio_bytes", "check_image", "check_image_bytes", "check_text", "clean_detail", "read_media_bytes",
+    "resolve_media_path", "sniff_format",
 ]

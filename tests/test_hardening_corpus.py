@@ -28,6 +28,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from core.schemas import DEFAULT_LABELS
+
 from core.settings import get_settings
 from tests.badinputs import MANIFEST_KINDS, build_corpus, write_bad_manifests
 from tests.pipeline_helpers import make_source, tiny_production_model
@@ -90,7 +92,8 @@ def test_every_good_record_is_scored_exactly_once(corpus_run):
     assert set(ids) == corpus.good_ids  # nothing lost (the duplicate id's first copy included)
     assert set(scores.column("model_version").cast(pa.string()).to_pylist()) == {version}
     assert state.result()["scored"] == len(corpus.good_ids)
-    proba = np.stack([scores.column(c).to_numpy() for c in scores.column_names if c.startswith("p_")], axis=1)
+    # The fused probabilities (the per-modality p_<modality>_<label> columns are null where absent).
+    proba = np.stack([scores.column(f"p_{label}").to_numpy() for label in DEFAULT_LABELS], axis=1)
     assert np.isfinite(proba).all() and np.allclose(proba.sum(axis=1), 1.0, atol=1e-4)
 
 

@@ -103,7 +103,9 @@ CASES: list[tuple[str, str, str | None, Builder, dict]] = [
     ("id_missing", "bad_id", None, lambda s, m: {"text": "no id here"}, {}),
     ("id_pattern", "bad_id", None, lambda s, m: {"record_id": "has space", "text": "hi"}, {}),
     ("id_too_long", "bad_id", None, lambda s, m: {"record_id": "x" * 129, "text": "hi"}, {}),
-    ("id_not_string", "bad_id", None, lambda s, m: {"record_id": 17, "text": "hi"}, {}),
+    ("id_float", "bad_id", None, lambda s, m: {"record_id": 17.0, "text": "hi"}, {}),
+    ("id_boolean", "bad_id", None, lambda s, m: {"record_id": True, "text": "hi"}, {}),
+    ("id_object", "bad_id", None, lambda s, m: {"record_id": {"id": "x"}, "text": "hi"}, {}),
     ("duplicate_id", "duplicate_id", "good-img", lambda s, m: {"record_id": "good-img", "text": "again"}, {}),
     ("unknown_label", "unknown_label", "b1", lambda s, m: {"record_id": "b1", "text": "hi", "label": "boredom"}, {}),
     ("no_modality", "no_modality", "b1", lambda s, m: {"record_id": "b1", "speaker": "s2"}, {}),
@@ -130,6 +132,10 @@ CASES: list[tuple[str, str, str | None, Builder, dict]] = [
      lambda s, m: {"record_id": "b1", "audio": _file(s, "audio/x.mp3", b"ID3\x04" + bytes(200))}, {}),
     ("png_named_jpg", "format_mismatch", "b1",
      lambda s, m: {"record_id": "b1", "image": _file(s, "images/x.jpg", m.image_bytes("PNG"))}, {}),
+    ("wav_named_jpg", "format_mismatch", "b1",
+     lambda s, m: {"record_id": "b1", "image": _file(s, "images/x.jpg", m.audio_bytes("WAV"))}, {}),
+    ("png_named_wav", "format_mismatch", "b1",
+     lambda s, m: {"record_id": "b1", "audio": _file(s, "audio/x.wav", m.image_bytes("PNG"))}, {}),
     ("flac_named_wav", "format_mismatch", "b1",
      lambda s, m: {"record_id": "b1", "audio": _file(s, "audio/x.wav", m.audio_bytes("FLAC"))}, {}),
     ("truncated_jpeg", "decode_error", "b1",
@@ -160,7 +166,8 @@ CASES: list[tuple[str, str, str | None, Builder, dict]] = [
      lambda s, m: {"record_id": "b1", "audio": _file(s, "audio/c.wav", m.audio_bytes("WAV", seconds=0.2, channels=9))}, {}),
     ("text_too_long", "text_too_long", "b1", lambda s, m: {"record_id": "b1", "text": "a" * 5001}, {}),
     ("control_only_text", "bad_text", "b1", lambda s, m: {"record_id": "b1", "text": "\x00\x01\x02"}, {}),
-    ("text_not_string", "bad_text", "b1", lambda s, m: {"record_id": "b1", "text": 42}, {}),
+    ("text_not_string", "bad_manifest_row", "b1", lambda s, m: {"record_id": "b1", "text": 42}, {}),
+    ("label_not_string", "bad_manifest_row", "b1", lambda s, m: {"record_id": "b1", "text": "x", "label": ["joy"]}, {}),
     ("lone_surrogate", "bad_text", "b1", lambda s, m: '{"record_id": "b1", "text": "bad \\ud800 text"}', {}),
 ]
 
@@ -306,6 +313,10 @@ def _manifest_case(tmp_path: Path, name: str) -> Path:
         (src / "manifest.csv").write_text("id,text\na,x\n")
     elif name == "parquet_without_record_id":
         pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), src / "manifest.parquet")
+    elif name == "truncated_parquet":
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"record_id": ["a"] * 100}), buffer)
+        (src / "manifest.parquet").write_bytes(buffer.getvalue()[:-30])
     elif name == "text_named_parquet":
         (src / "manifest.parquet").write_text('{"record_id": "a"}\n')
     elif name == "parquet_named_jsonl":
@@ -321,11 +332,12 @@ def _manifest_case(tmp_path: Path, name: str) -> Path:
     ("none", "no manifest"),
     ("several", "several manifests"),
     ("empty_jsonl", "empty"),
-    ("csv_header_only", "no rows"),
+    ("csv_header_only", "no data rows"),
     ("csv_without_record_id", "no record_id column"),
     ("parquet_without_record_id", "no record_id column"),
-    ("text_named_parquet", "not a readable Parquet file"),
-    ("parquet_named_jsonl", "binary content"),
+    ("text_named_parquet", "is JSON text, not a Parquet file: rename it to manifest.jsonl"),
+    ("truncated_parquet", "not a readable Parquet file"),
+    ("parquet_named_jsonl", "is a Parquet file, not JSON Lines text: rename it to manifest.parquet"),
     ("jsonl_without_objects", "no line is a JSON object"),
 ])
 def test_bad_manifest_raises_a_clear_error(tmp_path, name, message):
