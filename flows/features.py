@@ -1,13 +1,14 @@
 """Ingest + features: split the manifest, validate and featurise partitions on Dask.
 
-    split_manifest_task                     streams the manifest into chunks of partition_size
-      -> validate_partition_task.map(chunks) one Dask task per chunk -> records Parquet
-      -> lookup_cached_task (per partition)  whole-partition cache hits, answered in the flow process
-      -> extract_features_task.map(misses)   one Dask task per partition -> features Parquet
+    split_manifest_task                      streams the manifest into chunks of partition_size
+      -> validate_partition_task.map(chunks)  one Dask task per chunk -> records Parquet
+      -> count_ingest_task                    rows in = accepted + rejected, or the run fails
+      -> lookup_cached_task.map(partitions)   whole-partition cache hits (index queries)
+      -> extract_features_task.map(misses)    one Dask task per partition -> features Parquet
 
-Only paths and counts travel through the flow process. A fully cached rerun submits no
-feature task at all, so it does not pay for starting workers and importing the
-preprocessing stack there.
+Every task runs on the Dask workers; only paths and counts travel through the flow
+process, so its memory does not grow with the source. A fully cached rerun runs no
+extraction task.
 
 :func:`ingest_and_featurise` is the composition both the ``build-features`` flow and the
 nightly build run (a subflow would start a second Dask cluster for the same run).
@@ -33,8 +34,10 @@ def ingest_and_featurise(settings: Settings, run_id: str, stop_words: bool = Tru
     run_dir = settings.layout.run(run_id).root
     features_dir = settings.layout.features
     source_root = find_manifest(settings.source).parent
-    split = split_manifest_task(settings.source, run_dir, run_id, settings.partition_size, settings.labels,
-                                settings.limits)
+    # On a worker: the split streams the manifest, but its set of ids seen so far (for
+    # duplicates) grows with the source, and the flow process must not.
+    split = split_manifest_task.submit(settings.source, run_dir, run_id, settings.partition_size, settings.labels,
+                                       settings.limits).result()
     validated = list(validate_partition_task.map(split.chunk_paths, unmapped(source_root), unmapped(run_dir),
                                                  unmapped(run_id), unmapped(settings.limits)).result()) \
         if split.chunk_paths else []
@@ -46,9 +49,10 @@ def ingest_and_featurise(settings: Settings, run_id: str, stop_words: bool = Tru
 
 def featurise(records_paths: Sequence[Path], source_root: Path, features_dir: Path, run_dir: Path, run_id: str,
               spec: FeatureSpec, stop_words: bool) -> list[FeaturesResult]:
-    """Features of validated records partitions, in order: cache hits answered in the flow
-    process, one Dask task per miss."""
-    results = [lookup_cached_task(p, features_dir, run_dir, run_id, spec, stop_words) for p in records_paths]
+    """Features of validated records partitions, in order: whole-partition cache hits first
+    (a few index queries each), then one extraction task per miss."""
+    results = list(lookup_cached_task.map(records_paths, unmapped(features_dir), unmapped(run_dir), unmapped(run_id),
+                                          unmapped(spec), unmapped(stop_words)).result()) if records_paths else []
     misses = [i for i, hit in enumerate(results) if hit is None]
     if misses:
         futures = extract_features_task.map([records_paths[i] for i in misses], unmapped(source_root),
