@@ -85,10 +85,10 @@ class MemorySampler(threading.Thread):
         self.pid, self.period = pid, period
         self.flow_peak_kb = 0
         self.descendant_peak_kb: dict[int, int] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.flow_peak_kb = max(self.flow_peak_kb, _status_kb(self.pid, "VmHWM"))
             for child in _descendants(self.pid):
                 peak = max(_status_kb(child, "VmHWM"), _status_kb(child, "VmRSS"))
@@ -96,7 +96,7 @@ class MemorySampler(threading.Thread):
             time.sleep(self.period)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 
@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "scale")
     parser.add_argument("--resume", action="store_true", help="reuse the figures of builds already done")
+    parser.add_argument("--keep-data", action="store_true",
+                        help="build N on the existing data root too (its feature cache warm from an earlier run)")
     parser.add_argument("--child", nargs=3, metavar=("SOURCE", "DATA_ROOT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -205,7 +207,7 @@ def main() -> None:
             if args.resume and saved.exists() and json.loads(saved.read_text()).get("n") == args.n:
                 results[name] = json.loads(saved.read_text())
                 continue
-            if name == "N":
+            if name == "N" and not args.keep_data:
                 shutil.rmtree(data_root, ignore_errors=True)
             if manifest is not None:
                 write_rows(big, manifest)
@@ -228,7 +230,8 @@ def main() -> None:
         "delete1_recomputed": results["delete1"]["recomputed"],
         "records_per_s_10n": round(results["10N"]["records_in"] / results["10N"]["seconds"], 1),
         "n": args.n,
-        "flow_rss_growth_10n_note": "10N built with the feature cache warm from N (repeated content)",
+        "flow_rss_growth_10n_note": "10N built with the feature cache warm from N (repeated content)"
+                                    + ("; N too (--keep-data)" if args.keep_data else ""),
     }
     print(json.dumps(figures))
 
