@@ -187,6 +187,9 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
     val_fraction: share held out for early stopping and calibration (whole speakers with ``groups``).
     """
 
+    # The features-table columns the model reads (scoring reads only these from Parquet).
+    INPUT_COLUMNS = ("has_image", "has_text", "has_audio", "image_features", "text_features", "audio_features")
+
     def __init__(self, labels: Sequence[str] = DEFAULT_LABELS, fusion: str = "late", embed_dim: int = 128,
                  input_dropout: float = 0.2, dropout: float = 0.5, modality_dropout: float = 0.3,
                  aux_weight: float = 1.0, l2: float = 1e-4, pca_dim: int = 200, hidden: int = 0, n_members: int = 1, learning_rate: float = 1e-3, weight_decay: float = 1e-3,

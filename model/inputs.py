@@ -92,10 +92,20 @@ def arrays_from_features(table: pa.Table, spec: FeatureSpec | None = None) -> di
             return np.ones(n, dtype=bool)
         return np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
 
-    image, image_ok = _fixed_list_to_array(table.column("image"), size * size)
-    tokens, text_ok = _tokens_to_array(table.column("tokens"), spec.max_tokens)
-    logmel, logmel_ok = _fixed_list_to_array(table.column("logmel"), spec.n_frames * spec.n_mels)
-    prosody, prosody_ok = _fixed_list_to_array(table.column("prosody"), spec.n_prosody)
+    def arrays(name: str, width: int) -> tuple[np.ndarray, np.ndarray]:
+        # A column the caller did not read (a model that does not use it) counts as present
+        # and zero: presence is then decided by the has_* flags and the columns that were read.
+        if name not in table.column_names:
+            return np.zeros((n, width), np.float32), np.ones(n, dtype=bool)
+        return _fixed_list_to_array(table.column(name), width)
+
+    image, image_ok = arrays("image", size * size)
+    if "tokens" in table.column_names:
+        tokens, text_ok = _tokens_to_array(table.column("tokens"), spec.max_tokens)
+    else:
+        tokens, text_ok = np.full((n, spec.max_tokens), PAD_TOKEN, dtype=object), np.ones(n, dtype=bool)
+    logmel, logmel_ok = arrays("logmel", spec.n_frames * spec.n_mels)
+    prosody, prosody_ok = arrays("prosody", spec.n_prosody)
 
     vectors: dict[str, np.ndarray] = {}
     vector_ok: dict[str, np.ndarray] = {}

@@ -98,7 +98,9 @@ def score_partition(features_path: str | Path, models_dir: str | Path, model_ver
     model = load_model_cached(models_dir, model_version)
     if list(model.classes_) != list(labels):
         raise ValueError(f"model {model_version} predicts {list(model.classes_)}, the label set is {list(labels)}")
-    table = pq.read_table(features_path)
+    # Only the columns the model reads (a feature-vector model skips the pixels and spectrograms).
+    needed = getattr(model, "INPUT_COLUMNS", None)
+    table = pq.read_table(features_path, columns=["record_id", *needed] if needed else None)
     X = arrays_from_features(table)
     by_modality = None  # the seed architecture has no per-modality heads: those columns stay null
     if table.num_rows == 0:
