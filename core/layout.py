@@ -48,9 +48,16 @@ class RunLayout:
     def records(self) -> Path:
         return self.root / "records"
 
+    def records_part(self, number: str) -> Path:
+        return self.records / f"part-{number}.parquet"
+
     @property
     def rejects(self) -> Path:
         return self.root / "rejects"
+
+    def rejects_part(self, stage: str, name: str) -> Path:
+        """One task's rejects (``stage``: ingest | preprocess), published together at the end of the run."""
+        return self.rejects / f"{stage}-{name}.parquet"
 
     @property
     def scores(self) -> Path:

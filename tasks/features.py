@@ -70,6 +70,7 @@ from prefect.cache_policies import NO_CACHE
 from threadpoolctl import threadpool_limits
 
 from core.io import write_parquet
+from core.layout import RunLayout
 from core.schemas import REJECTS_SCHEMA, FeatureSpec, features_schema, rejects_table
 from tasks.feature_store import FeatureStore
 from tasks.ingest import content_hash
@@ -290,7 +291,7 @@ def with_feature_metadata(table: pa.Table, spec: FeatureSpec, options: dict[str,
 
 
 def _rejects_out_path(run_dir: Path, records_path: Path) -> Path:
-    return Path(run_dir) / "rejects" / f"{STAGE}-{Path(records_path).stem}.parquet"
+    return RunLayout(Path(run_dir)).rejects_part(STAGE, Path(records_path).stem)
 
 
 def _with_run_id(rejects: pa.Table, run_id: str) -> pa.Table:

@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from core.io import atomic_path, write_parquet
+from core.layout import RunLayout
 from core.schemas import LABELS_SCHEMA, RECORDS_SCHEMA, REJECTS_SCHEMA, rejects_table
 from core.settings import Limits
 from tasks.retry import IO_RETRY
@@ -877,8 +878,9 @@ def split_manifest(source: str | Path, run_dir: Path, run_id: str, partition_siz
     manifest = preflight_source(source)
     unit = position_unit(manifest)
     run_dir = Path(run_dir)
-    chunk_dir = run_dir / "manifest"
-    rejects_path = run_dir / "rejects" / "ingest-split.parquet"
+    run = RunLayout(Path(run_dir))
+    chunk_dir = run.manifest_chunks
+    rejects_path = run.rejects_part(STAGE, "split")
     seen_ids: set[str] = set()
     buffer: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
@@ -926,9 +928,11 @@ def split_manifest(source: str | Path, run_dir: Path, run_id: str, partition_siz
 
 def _remove_stale_partitions(run_dir: Path, keep: set[str]) -> None:
     """Remove chunks and their validated outputs that an earlier run with more partitions left behind."""
-    patterns = (("manifest", "part-*.parquet"), ("records", "part-*.parquet"), ("rejects", "ingest-part-*.parquet"))
+    run = RunLayout(Path(run_dir))
+    patterns = ((run.manifest_chunks, "part-*.parquet"), (run.records, "part-*.parquet"),
+                (run.rejects, f"{STAGE}-part-*.parquet"))
     for folder, pattern in patterns:
-        for path in (run_dir / folder).glob(pattern) if (run_dir / folder).is_dir() else ():
+        for path in folder.glob(pattern) if folder.is_dir() else ():
             if path.name.rsplit("-", 1)[-1].removesuffix(".parquet") not in keep:
                 path.unlink()
 
@@ -1059,8 +1063,8 @@ def validate_partition(chunk_path: Path, source_root: Path, out_dir: Path, run_i
         except MediaError as exc:
             rejects.append(_reject(row["record_id"], exc.reason, f"{row['position']}: {exc.detail}", run_id))
     records_path = write_parquet(pa.Table.from_pylist(good, schema=RECORDS_SCHEMA),
-                                 out_dir / "records" / f"part-{number}.parquet")
-    rejects_path = write_parquet(_rejects(rejects), out_dir / "rejects" / f"ingest-part-{number}.parquet")
+                                 RunLayout(Path(out_dir)).records_part(number))
+    rejects_path = write_parquet(_rejects(rejects), RunLayout(Path(out_dir)).rejects_part(STAGE, f"part-{number}"))
     return PartitionResult(
         records_path=records_path,
         rejects_path=rejects_path,
