@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
 import time
 from datetime import date
 from pathlib import Path
@@ -199,7 +200,9 @@ def main() -> None:
         env = dict(os.environ)
         data_root = args.workdir / "data"
         rows = read_rows(big)
-        appended = rows + [{"record_id": f"appended-{i}", "text": f"a brand new utterance number {i} for the bench"}
+        # New content every run (the data root may be warm from an earlier run of this script).
+        fresh = uuid.uuid4().hex[:8]
+        appended = rows + [{"record_id": f"appended-{i}", "text": f"a brand new utterance {fresh} number {i}"}
                            for i in range(10)]
         plan = (("N", base, None), ("10N", big, rows), ("append10", big, appended), ("delete1", big, appended[1:]))
         for name, source, manifest in plan:
