@@ -130,3 +130,33 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+
+
+# ---------------------------------------------------------------------------------- servers that outlive a run
+# A server the project starts for its user and stops in a later process (the local Label
+# Studio, the ML backend) is known by a small JSON record: its pid, port and settings.
+
+
+def recorded_pid(record: str | os.PathLike, *markers: str) -> int | None:
+    """The pid in ``record``, only if that process is alive and its command line holds every
+    marker (pids get reused by other programs)."""
+    from core.io import read_json
+
+    pid = (read_json(record) or {}).get("pid")
+    if not pid or not pid_alive(int(pid)):
+        return None
+    cmdline = pid_cmdline(int(pid))
+    return int(pid) if all(marker in cmdline for marker in markers) else None
+
+
+def stop_recorded(record: str | os.PathLike, *markers: str, timeout: float = 20.0) -> bool:
+    """Stop the recorded server (see :func:`recorded_pid`) and mark the record stopped.
+    Returns whether one was running."""
+    from core.io import atomic_write_json, read_json
+
+    pid = recorded_pid(record, *markers)
+    if pid is None:
+        return False
+    stop_process_group(pid, timeout)
+    atomic_write_json(record, {**(read_json(record) or {}), "pid": None, "stopped_at": time.time()})
+    return True

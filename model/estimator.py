@@ -19,7 +19,6 @@ Then a temperature is fitted on the validation split. Everything needed to predi
 from __future__ import annotations
 
 import os
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +30,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.class_weight import compute_class_weight
 
 from core.schemas import DEFAULT_LABELS
+from model.keras_files import save_keras
 from model.calibration import fit_temperature
 from model.inputs import INPUT_NAMES, MODALITIES, PAD_TOKEN, n_records, presence_key, subset
 from model.layers import FUSION_LAYERS, CalibratedSoftmax
@@ -314,20 +314,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
     # -------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model to ``path`` (a ``.keras`` file) atomically."""
-        path = Path(path)
-        if path.suffix != ".keras":
-            raise ValueError(f"model files end in .keras, got {path.name}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:12]}.keras")
-        try:
-            self.model_.save(tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return save_keras(self.model_, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FusionClassifier":

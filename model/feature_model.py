@@ -29,7 +29,6 @@ One forward pass gives the fused probabilities, the per-modality probabilities
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +40,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.class_weight import compute_class_weight
 
 from core.schemas import DEFAULT_LABELS
+from model.keras_files import save_keras
 from model.calibration import fit_temperature
 from model.inputs import FEATURE_INPUT_NAMES, FEATURE_INPUTS, MODALITIES, n_records, presence_key, subset
 from model.layers import FUSION_LAYERS, CalibratedSoftmax, LateFusion, ModalityDropout
@@ -440,20 +440,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
     # -------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model to ``path`` (a ``.keras`` file) atomically."""
-        path = Path(path)
-        if path.suffix != ".keras":
-            raise ValueError(f"model files end in .keras, got {path.name}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:12]}.keras")
-        try:
-            self.model_.save(tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return save_keras(self.model_, path)
 
     @classmethod
     def from_keras(cls, model: keras.Model) -> "FeatureFusionClassifier":

@@ -30,8 +30,8 @@ from pydantic import SecretStr
 
 from core.io import atomic_write_json, read_json
 from core.layout import DataLayout
-from core.processes import free_port, pid_alive, pid_cmdline, port_in_use, start_process_group, stop_process_group, \
-    wait_healthy
+from core.processes import (free_port, port_in_use, recorded_pid, start_process_group, stop_recorded,
+                            wait_healthy)
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,7 @@ class LocalMLBackend:
         return read_json(self.paths.ml_backend_record) or {}
 
     def _recorded_pid_if_ours(self) -> int | None:
-        pid = self._recorded().get("pid")
-        if not pid or not pid_alive(int(pid)):
-            return None
-        cmdline = pid_cmdline(int(pid))
-        if "ml-backend" not in cmdline or str(self.data_root) not in cmdline:
-            return None  # the pid was reused by another process
-        return int(pid)
+        return recorded_pid(self.paths.ml_backend_record, "ml-backend", str(self.data_root))
 
     @property
     def url(self) -> str | None:
@@ -158,15 +152,7 @@ class LocalMLBackend:
                 from None
 
     def stop(self, timeout_s: float = 20.0) -> bool:
-        pid = self._recorded_pid_if_ours()
-        if pid is None:
-            return False
-        stop_process_group(pid, timeout_s)
-        recorded = self._recorded()
-        recorded["pid"] = None
-        recorded["stopped_at"] = time.time()
-        atomic_write_json(self.paths.ml_backend_record, recorded)
-        return True
+        return stop_recorded(self.paths.ml_backend_record, "ml-backend", str(self.data_root), timeout=timeout_s)
 
     def status(self) -> dict[str, Any]:
         pid = self._recorded_pid_if_ours()

@@ -39,8 +39,7 @@ from pydantic import SecretStr
 
 from core.io import atomic_write_json, ensure_private_dir, make_private_tree, read_json
 from core.layout import DataLayout, LabelStudioLayout
-from core.processes import (pid_alive, pid_cmdline, port_in_use, start_process_group, stop_process_group,
-                            wait_healthy)
+from core.processes import port_in_use, recorded_pid, start_process_group, stop_recorded, wait_healthy
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +196,7 @@ class LocalLabelStudio:
 
     def _recorded_pid_if_ours(self) -> int | None:
         """The recorded PID, only if that process is alive and is our label-studio (PIDs get reused)."""
-        pid = self._recorded().get("pid")
-        if not pid or not pid_alive(int(pid)):
-            return None
-        cmdline = pid_cmdline(int(pid))
-        if "label-studio" not in cmdline or str(self.server_dir) not in cmdline:
-            return None
-        return int(pid)
+        return recorded_pid(self.server_json, "label-studio", str(self.server_dir))
 
     def _healthy(self, timeout: float = 2.0) -> bool:
         try:
@@ -316,15 +309,7 @@ class LocalLabelStudio:
         from tasks.labelstudio.ml_connect import LocalMLBackend
 
         LocalMLBackend(self.data_root).stop()
-        pid = self._recorded_pid_if_ours()
-        if pid is None:
-            return False
-        stop_process_group(pid, timeout_s)
-        recorded = self._recorded()
-        recorded["pid"] = None
-        recorded["stopped_at"] = time.time()
-        atomic_write_json(self.server_json, recorded)
-        return True
+        return stop_recorded(self.server_json, "label-studio", str(self.server_dir), timeout=timeout_s)
 
     def status(self) -> dict[str, Any]:
         """Running? healthy? where? (never the token)."""
