@@ -384,14 +384,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         Each modality's probabilities come from its own calibrated head; rows of records
         without that modality are NaN (scoring writes them as ``p_<modality>_<label>``).
         """
-        X = _feature_inputs(X)
-        fused, *per_modality, _ = self._forward(X)
-        out = {"fused": fused}
-        for m, proba in zip(MODALITIES, per_modality):
-            proba = proba.copy()
-            proba[~_present(X, m)] = np.nan
-            out[m] = proba
-        return out
+        return self.predict_proba_by_modality_and_embed(X)[0]
 
     def predict_proba_by_modality_and_embed(self, X: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """``predict_proba_by_modality`` and the fused embedding, still one forward pass (scoring)."""
