@@ -12,6 +12,8 @@ inner structure is part of how the adapter keeps its guarantees.
       rejects/run_date=YYYY-MM-DD/       published rejects
       labels/gold.parquet                gold labels carried by the sources
       labels/annotations.parquet         labels resolved from Label Studio annotations
+      labels/reviews.parquet             labels set by a review of a suspected error (win over the others)
+      labels/flags.parquet               open flags: suspected label errors, held out of training
       models/<version>/, models/PRODUCTION   the registry (model.registry)
       reports/<version>/                 confusion matrices, learning curves
       runs/<run_id>/                     one build's scratch: manifest chunks, records, scores, selection
@@ -182,6 +184,16 @@ class DataLayout:
     @property
     def annotation_labels(self) -> Path:
         return self.labels / "annotations.parquet"
+
+    @property
+    def label_reviews(self) -> Path:
+        """Labels set by reviewing a suspected error in Label Studio (issue #16): they win over gold and annotation."""
+        return self.labels / "reviews.parquet"
+
+    @property
+    def label_flags(self) -> Path:
+        """Open suspected label errors (``core.schemas.LABEL_FLAGS_SCHEMA``): held out of training until reviewed."""
+        return self.labels / "flags.parquet"
 
     @property
     def models(self) -> Path:

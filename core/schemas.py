@@ -83,6 +83,24 @@ LABELS_SCHEMA = pa.schema(
 )
 
 
+# Suspected label errors (issue #16): what the flagging step before each retrain finds.
+# ``labels/flags.parquet`` holds the flags that are still open; the flagging step is its only
+# writer (rewritten whole and atomically each time). A record keeps the ``flagged_at`` of its
+# first flag for the same label, so "pushed for review" is decided once per (record, label).
+# A flag is closed by a review of that record newer than ``flagged_at`` (``labels/reviews.parquet``,
+# rows of LABELS_SCHEMA with source "review"): a reviewed label is trusted and never flagged again.
+LABEL_FLAGS_SCHEMA = pa.schema(
+    [
+        pa.field("record_id", pa.string(), nullable=False),
+        pa.field("label", DICT_STRING, nullable=False),  # the label under suspicion
+        pa.field("label_source", DICT_STRING, nullable=False),  # gold | annotation
+        pa.field("suggested_label", DICT_STRING, nullable=False),  # what the out-of-fold model says instead
+        pa.field("self_confidence", pa.float32(), nullable=False),  # out-of-fold probability of ``label``
+        pa.field("suggested_confidence", pa.float32(), nullable=False),  # ... and of ``suggested_label``
+        pa.field("flagged_at", UTC_TS, nullable=False),
+    ]
+)
+
 def scores_schema(labels: Sequence[str]) -> pa.Schema:
     """The ``scores/`` schema for a label set (one float32 ``p_<label>`` column per label)."""
     fields = [
