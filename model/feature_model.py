@@ -367,9 +367,32 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
 
     # --------------------------------------------------------------- prediction
     def _forward(self, X: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """[fused probs, image probs, text probs, audio probs, embedding] from one forward pass."""
-        outputs = self.model_.predict(self._dataset(_feature_inputs(X)), verbose=0)
-        return [np.asarray(o, dtype=np.float64) for o in outputs]
+        """[fused probs, image probs, text probs, audio probs, embedding] from one forward pass.
+
+        Calls the model through one ``tf.function`` traced once per fitted model (batch size
+        left open), batch by batch on NumPy arrays. ``keras.Model.predict`` costs about 0.2 s
+        of set-up per call (data adapter, callbacks, step function), which dominated scoring a
+        1,000-record partition with this small model; the outputs are the same.
+        """
+        X = _feature_inputs(X)
+        serve = self._serving_function()
+        n = n_records(X)
+        batches = [serve({name: tf.convert_to_tensor(np.asarray(X[name][start:start + PREDICT_BATCH], np.float32))
+                          for name in FEATURE_INPUT_NAMES})
+                   for start in range(0, max(n, 1), PREDICT_BATCH)]
+        return [np.concatenate([np.asarray(batch[i], dtype=np.float64) for batch in batches])[:n]
+                for i in range(len(batches[0]))]
+
+    def _serving_function(self):
+        cached = self.__dict__.get("_serving")
+        if cached is None or cached[0] is not self.model_:
+            signature = {name: tf.TensorSpec((None, *self.model_.input[name].shape[1:]), tf.float32, name=name)
+                         for name in FEATURE_INPUT_NAMES}
+            model = self.model_
+            function = tf.function(lambda inputs: model(inputs, training=False), input_signature=[signature])
+            cached = (model, function)
+            self.__dict__["_serving"] = cached
+        return cached[1]
 
     def predict_proba(self, X: dict[str, np.ndarray]) -> np.ndarray:
         """(N, C) calibrated fused probabilities, columns in ``classes_`` order."""

@@ -46,17 +46,27 @@ def _fixed_list_to_array(column: pa.ChunkedArray | pa.Array, width: int) -> tupl
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     n = len(column)
-    out = np.zeros((n, width), dtype=np.float32)
-    valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    if valid.any():
-        # flatten() skips null rows, so the values line up with the valid rows only.
-        values = column.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
-        values = np.asarray(values, dtype=np.float32)
-        if values.size != int(valid.sum()) * width:
-            raise ValueError(f"expected {width} values per row, got {values.size / max(valid.sum(), 1):.1f}")
-        out[valid] = values.reshape(-1, width)
+    valid = np.ones(n, dtype=bool) if column.null_count == 0 else \
+        np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_fixed_size_list(column.type) and column.type.list_size == width:
+        # Fast path (every features file): a fixed-size list keeps a slot for null rows too,
+        # so the child values are already (N, width) row-aligned; zero the null rows (a null
+        # element inside a row reads as NaN and is zeroed below with the other non-finite values).
+        values = column.values.slice(column.offset * width, n * width).to_numpy(zero_copy_only=False)
+        out = np.asarray(values, dtype=np.float32).reshape(n, width).copy()
+        out[~valid] = 0.0
+    else:
+        out = np.zeros((n, width), dtype=np.float32)
+        if valid.any():
+            # flatten() skips null rows, so the values line up with the valid rows only.
+            values = column.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
+            values = np.asarray(values, dtype=np.float32)
+            if values.size != int(valid.sum()) * width:
+                raise ValueError(f"expected {width} values per row, got {values.size / max(valid.sum(), 1):.1f}")
+            out[valid] = values.reshape(-1, width)
     # A non-finite value would poison a whole batch; treat it as silence / flat grey.
-    np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    if not np.isfinite(out).all():
+        np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return out, valid
 
 

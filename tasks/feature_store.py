@@ -76,6 +76,28 @@ def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
         yield values[start:start + _QUERY_CHUNK]
 
 
+
+# The feature vectors the default model reads (model.inputs.FEATURE_INPUTS) are stored
+# uncompressed and without a dictionary: float features barely compress (zstd kept 70% of
+# the bytes) and decoding them cost scoring about as much as the model's forward pass;
+# uncompressed, a partition's vectors read twice as fast for about 15% more disk.
+_PLAIN_COLUMNS = ("image_features", "text_features", "audio_features")
+
+
+def _leaf_path(field: pa.Field) -> str:
+    # Per-column writer options name Parquet leaf columns: a list's values are "<name>.list.element".
+    nested = pa.types.is_list(field.type) or pa.types.is_large_list(field.type) or \
+        pa.types.is_fixed_size_list(field.type)
+    return f"{field.name}.list.element" if nested else field.name
+
+
+def features_file_options(schema: pa.Schema) -> dict:
+    """``pyarrow.parquet.write_table`` options for a features file: see ``_PLAIN_COLUMNS``."""
+    leaves = {field.name: _leaf_path(field) for field in schema}
+    return {"compression": {leaf: "none" if name in _PLAIN_COLUMNS else "zstd" for name, leaf in leaves.items()},
+            "use_dictionary": [leaf for name, leaf in leaves.items() if name not in _PLAIN_COLUMNS]}
+
+
 class FeatureStore:
     """One namespace of the feature cache (see the module docstring)."""
 
@@ -181,7 +203,7 @@ class FeatureStore:
 
         ``rejects`` maps record_id -> (content_hash, detail) for records that failed here.
         """
-        write_parquet(table, path)
+        write_parquet(table, path, **features_file_options(table.schema))
         ids = table.column("record_id").to_pylist()
         hashes = table.column("content_hash").to_pylist()
         with self._db(write=True) as db:
@@ -253,7 +275,8 @@ class FeatureStore:
             # Rows of records that moved away are gone; the survivors keep their (record, content) pairs.
             new_path = self.file_path(keep.column("record_id").to_pylist(), keep.column("content_hash").to_pylist())
             if new_path != path:
-                write_parquet(keep.replace_schema_metadata(table.schema.metadata), new_path)
+                write_parquet(keep.replace_schema_metadata(table.schema.metadata), new_path,
+                              **features_file_options(table.schema))
                 with self._db(write=True) as db:
                     db.execute("UPDATE records SET file = ? WHERE file = ?", (new_path.name, name))
                     db.execute("DELETE FROM contents WHERE file = ?", (name,))

@@ -71,9 +71,10 @@ def scores_table(record_ids: Sequence[str], proba: np.ndarray, presence: dict[st
     for modality in MODALITIES:
         per = None if by_modality is None else by_modality.get(modality)
         absent = np.ones(n, dtype=bool) if per is None else np.isnan(np.asarray(per, np.float64)).any(axis=1)
+        # Absent rows are masked (null), so the NaN under the mask never reaches the file.
+        values = np.zeros((n, len(labels)), np.float32) if per is None else np.asarray(per, np.float32)
         for j, label in enumerate(labels):
-            values = np.zeros(n, np.float32) if per is None else np.nan_to_num(np.asarray(per[:, j], np.float32))
-            columns[f"p_{modality}_{label}"] = pa.array(values, pa.float32(), mask=absent)
+            columns[f"p_{modality}_{label}"] = pa.array(values[:, j], pa.float32(), mask=absent)
     columns["modalities_disagree"] = pa.array(
         disagreement(by_modality) if by_modality is not None and n else np.zeros(n, dtype=bool), pa.bool_())
     return pa.table(columns).cast(scores_schema(labels))
