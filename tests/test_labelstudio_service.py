@@ -565,3 +565,39 @@ def test_three_annotators_who_disagree_get_a_fourth_once_even_across_a_crash(cli
     assert len(list(layout.annotators.iterdir())) == 2  # a new annotation: a new part
     again = sync()
     assert again.n_overlap_raised == 0 and len(list(layout.annotators.iterdir())) == 2
+
+
+def test_a_crash_after_the_intent_and_before_the_server_call_is_completed_by_the_next_sync(client, label_studio, ls_root,
+                                                                                          doc_root, tmp_path,
+                                                                                          monkeypatch):
+    from tasks.labelstudio import sync as sync_module
+
+    labels = _labels("intent")
+    project = ensure_project(client, labels, ls_root / "source", doc_root, annotations_per_task=2)
+    layout = DataLayout(tmp_path / "data")
+    state = layout.labelstudio
+    push_selection(client, project, _selection(2, prefix="n"), state)
+    task_of = {r["record_id"]: int(r["task_id"]) for r in read_ledger(state).to_pylist()}
+    for name, gold in (("first", {"n0": "joy", "n1": "fear"}), ("second", {"n0": "anger-intent", "n1": "fear"})):
+        enlist(client, state, f"{name}@intent.test", labels, gold).annotate_pending(project.project_id)
+
+    def sync(budget):
+        return sync_annotations(client, project, layout.annotation_labels, state, layout=layout,
+                                extra_annotator_budget=budget)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the intent was written, before the server call")
+
+    monkeypatch.setattr(client, "set_task_overlap", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sync(budget=1)
+    monkeypatch.undo()
+    (intent,) = sync_module.read_overlap_raises(state).to_pylist()
+    assert (intent["task_id"], intent["to_overlap"], intent["raised_at"]) == (task_of["n0"], 3, None)
+    assert client.task_state(task_of["n0"])["overlap"] == 2  # the server never heard of it
+    # The next sync completes the intent even with no budget left for new ones.
+    rerun = sync(budget=0)
+    assert rerun.n_overlap_raised == 1
+    state_now = client.task_state(task_of["n0"])
+    assert (state_now["overlap"], state_now["is_labeled"]) == (3, False)
+    assert sync(budget=1).n_overlap_raised == 0 and client.task_state(task_of["n0"])["overlap"] == 3
