@@ -14,11 +14,13 @@ inner structure is part of how the adapter keeps its guarantees.
       labels/annotations.parquet         labels resolved from Label Studio annotations
       labels/reviews.parquet             labels set by a review of a suspected error (win over the others)
       labels/flags.parquet               open flags: suspected label errors, held out of training
+      annotators/part-p<project>-<mark>-<key>.parquet   per sync: each annotator's estimated accuracy,
+                                         per-class recall, task count (add-only)
       models/<version>/, models/PRODUCTION   the registry (model.registry)
       reports/<version>/                 confusion matrices, learning curves
       runs/<run_id>/                     one build's scratch: manifest chunks, records, scores, selection
       state/labelstudio/                 local server, credentials (0600), push ledger, pending, watermark,
-                                         annotators (0600), media/ (the only folder Label Studio serves),
+                                         annotators (0600), overlap_raises (extra annotators asked), media/ (the only folder Label Studio serves),
                                          ml_backend.json / .log, ml_backend_auth.json (0600)
       state/prefect/                     PREFECT_HOME of the local Prefect API the CLI starts
       state/retrain.json                 labels counted at the last retrain
@@ -138,6 +140,11 @@ class LabelStudioLayout:
         return self.root / "watermark.json"
 
     @property
+    def overlap_raises(self) -> Path:
+        """Tasks whose overlap sync raised for one more annotator (once per task and reason)."""
+        return self.root / "overlap_raises.parquet"
+
+    @property
     def ml_backend_record(self) -> Path:
         """The local ML backend process (pid, port, url)."""
         return self.root / "ml_backend.json"
@@ -194,6 +201,16 @@ class DataLayout:
     def label_flags(self) -> Path:
         """Open suspected label errors (``core.schemas.LABEL_FLAGS_SCHEMA``): held out of training until reviewed."""
         return self.labels / "flags.parquet"
+
+    @property
+    def annotators(self) -> Path:
+        """Per-sync annotator estimates (``core.schemas.annotators_schema``): add-only Parquet parts."""
+        return self.root / "annotators"
+
+    def annotators_part(self, project_id: int, mark: str, key: str) -> Path:
+        """One sync's part: named by the project, the annotation watermark and a hash of the
+        annotations it was estimated from, so a rerun of the same sync finds it instead of adding one."""
+        return self.annotators / f"part-p{int(project_id)}-{mark}-{key}.parquet"
 
     @property
     def models(self) -> Path:

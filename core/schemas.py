@@ -2,7 +2,8 @@
 
 Writers cast to these schemas before writing; readers (DuckDB, Polars, pandas, Spark) can
 rely on them. Evolution is add-only: never rename or retype a column. The scores schema
-is also kept as JSON in ``schemas/scores.schema.json`` and a test fails on drift.
+and the labels and annotators schemas are also kept as JSON in ``schemas/*.schema.json``;
+tests fail on drift.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ LABELS_SCHEMA = pa.schema(
         pa.field("agreement", pa.float32()),  # share of annotators who chose the label; null for gold
         pa.field("ls_task_id", pa.int64()),
         pa.field("annotated_at", UTC_TS),
+        # Added with issue #16 (add-only): the consensus posterior of ``label`` (Dawid-Skene, or the
+        # vote share when too little overlap falls back to majority); null for gold.
+        pa.field("confidence", pa.float32()),
     ]
 )
 
@@ -100,6 +104,47 @@ LABEL_FLAGS_SCHEMA = pa.schema(
         pa.field("flagged_at", UTC_TS, nullable=False),
     ]
 )
+
+def annotators_schema(labels: Sequence[str]) -> pa.Schema:
+    """The ``annotators/`` schema (issue #16): one row per annotator per sync of a project.
+
+    What the consensus model estimated of each annotator from every trusted annotation of the
+    project at that sync. Per-class recall is one float32 ``recall_<label>`` column per label
+    (the confusion diagonal; null where the annotator saw no task of that class), like the
+    scores' ``p_<label>``: DuckDB and Polars read plain columns directly, where a Parquet map
+    comes back to Polars as a list of key/value structs.
+    """
+    fields = [
+        pa.field("synced_at", UTC_TS, nullable=False),
+        pa.field("project_id", pa.int64(), nullable=False),
+        pa.field("annotator", pa.string(), nullable=False),  # the email, as the sync artifact shows it
+        pa.field("annotator_id", pa.int64()),  # the Label Studio user id
+        pa.field("method", DICT_STRING, nullable=False),  # dawid_skene | majority
+        pa.field("n_tasks", pa.int32(), nullable=False),  # tasks this annotator labelled
+        pa.field("estimated_accuracy", pa.float32()),  # P(the annotator is right), prior-weighted
+    ]
+    fields += [pa.field(f"recall_{label}", pa.float32()) for label in labels]
+    return pa.schema(fields)
+
+
+ANNOTATORS_SCHEMA = annotators_schema(DEFAULT_LABELS)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``'s column order and types; a nullable column it lacks is null.
+
+    Add-only evolution: a file written before a column was added still reads (the column null).
+    """
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        elif field.nullable:
+            columns.append(pa.nulls(table.num_rows, field.type))
+        else:
+            raise ValueError(f"column {field.name!r} is missing and not nullable")
+    return pa.table(columns, schema=schema)
+
 
 def scores_schema(labels: Sequence[str]) -> pa.Schema:
     """The ``scores/`` schema for a label set (one float32 ``p_<label>`` column per label)."""

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     ml_backend_debounce_s: float = Field(5.0, ge=0.0, description="annotation events within this many seconds "
                                                                   "start one sync")
 
+    consensus_min_confidence: float = Field(
+        0.7, ge=0.0, le=1.0, description="an annotated task whose consensus posterior stays below this gets one more "
+                                         "annotator (its Label Studio overlap raised by one, once)")
+    extra_annotator_budget: int = Field(20, ge=0, description="tasks whose overlap one sync may raise "
+                                                             "(most uncertain first); 0 turns it off")
     annotation_budget: int = Field(100, ge=0, description="records sent to Label Studio per nightly build")
     selection_strategy: str = Field("diverse_entropy", description="model.selection strategy for the nightly build")
     promotion_margin: float = Field(0.0, ge=0.0, description="promote when holdout macro-F1 >= production - margin")

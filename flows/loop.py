@@ -58,7 +58,9 @@ def loop(source: str | None = None, data_root: str | None = None, rounds: int = 
         with report.stage(f"sync (round {index})") as stage:
             synced = annotation_sync(source, data_root)
             stage.counts = {"resolved": synced["n_resolved"], "labels": synced["n_labels_total"],
-                            "ignored (unknown task/annotator)": synced["n_unknown_tasks"] + synced["n_unknown_annotators"]}
+                            "ignored (unknown task/annotator)": synced["n_unknown_tasks"] + synced["n_unknown_annotators"],
+                            "overlap raised": synced["n_overlap_raised"]}
+            stage.note = f"consensus: {synced['method']}" if synced["method"] else ""
         with report.stage(f"retrain (round {index})") as stage:
             trained = retrain_flow(data_root, fusion=fusion, epochs=epochs)
             stage.counts = {k: trained[f"n_{k}"] for k in ("train", "holdout") if f"n_{k}" in trained}

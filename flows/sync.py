@@ -1,5 +1,7 @@
 """Annotation sync: finished Label Studio annotations → ``labels/annotations.parquet``
-(majority consensus, ties left unresolved), with annotator counts and agreement."""
+(annotator-aware consensus: Dawid-Skene, majority when annotators barely overlap; ties left
+unresolved), each annotator's estimates → ``annotators/``, and one more annotator for the
+tasks whose consensus stays uncertain (within ``extra_annotator_budget``)."""
 
 from __future__ import annotations
 
@@ -21,10 +23,14 @@ def annotation_sync(source: str | None = None, data_root: str | None = None) -> 
     with report.stage("sync") as stage:
         result = sync_from_labelstudio_task(settings)
         stage.counts = result.counts
+        notes = [f"consensus: {result.method}"] if result.method else []
         if result.n_unknown_tasks or result.n_unknown_annotators:
-            stage.note = result.ignored_summary  # e.g. "ignored: 3 unknown tasks, 1 unknown annotator"
+            notes.append(result.ignored_summary)  # e.g. "ignored: 3 unknown tasks, 1 unknown annotator"
+        stage.note = "; ".join(notes)
     report.facts.update(result.facts)
     report.outputs["labels"] = result.labels_path
+    if result.annotators_path:
+        report.outputs["annotators"] = result.annotators_path
     report.finish()
     return result.as_dict()
 

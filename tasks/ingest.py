@@ -1104,6 +1104,7 @@ def load_gold_labels(records_paths: Iterable[Path]) -> pa.Table:
         "agreement": pa.nulls(n, pa.float32()),
         "ls_task_id": pa.nulls(n, pa.int64()),
         "annotated_at": pa.nulls(n, LABELS_SCHEMA.field("annotated_at").type),
+        "confidence": pa.nulls(n, pa.float32()),  # no consensus behind a gold label
     })
     return plain.cast(LABELS_SCHEMA)
 

@@ -19,19 +19,20 @@ from prefect import task
 
 from core.io import write_parquet
 from core.layout import DataLayout
-from core.schemas import LABELS_SCHEMA
+from core.schemas import LABELS_SCHEMA, conform
 from tasks.retry import IO_RETRY
 
 
 def _read(path: Path) -> pa.Table:
-    return pq.read_table(path).cast(LABELS_SCHEMA) if path.exists() else LABELS_SCHEMA.empty_table()
+    # conform, not cast: a file from before an added column (``confidence``) still reads.
+    return conform(pq.read_table(path), LABELS_SCHEMA) if path.exists() else LABELS_SCHEMA.empty_table()
 
 
 def merge_labels(path: str | os.PathLike, new: pa.Table, replaced_ids: Iterable[str] = ()) -> int:
     """Upsert label rows into one labels file: earlier rows minus ``new``'s ids and
     ``replaced_ids`` (records whose earlier label no longer holds), plus ``new``. Returns rows."""
     path = Path(path)
-    new = new.cast(LABELS_SCHEMA)
+    new = conform(new, LABELS_SCHEMA)
     old = _read(path)
     gone = pa.concat_arrays([new.column("record_id").combine_chunks(),
                              pa.array(sorted(set(replaced_ids)), pa.string())])

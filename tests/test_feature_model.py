@@ -139,7 +139,8 @@ def test_retrain_and_the_benchmark_build_the_same_model(data, tmp_path, monkeypa
     store.commit(store.file_path(ids, table.column("content_hash").to_pylist()), table, {})
     labels = pa.table({"record_id": ids, "label": list(y), "source": ["gold"] * len(ids),
                        "annotators": [1] * len(ids), "agreement": [None] * len(ids),
-                       "ls_task_id": [None] * len(ids), "annotated_at": [None] * len(ids)}).cast(LABELS_SCHEMA)
+                       "ls_task_id": [None] * len(ids), "annotated_at": [None] * len(ids),
+                       "confidence": [None] * len(ids)}).cast(LABELS_SCHEMA)
     layout.labels.mkdir(parents=True)
     pq.write_table(labels, layout.gold_labels)
     result = retraining.retrain(layout, LABELS, fusion=None, epochs=None, seed=13, min_train=5)

@@ -150,6 +150,7 @@ def test_unclosed_quote_costs_one_row_and_labelled_records_are_never_selected(tm
     write_parquet(pa.table({
         "record_id": annotated, "label": ["joy"] * 5, "source": ["annotation"] * 5, "annotators": [1] * 5,
         "agreement": [1.0] * 5, "ls_task_id": list(range(1, 6)), "annotated_at": [None] * 5,
+        "confidence": [1.0] * 5,
     }).cast(LABELS_SCHEMA), data_root / "labels" / "annotations.parquet")
     second = affectloop_build(source, data_root, api=prefect_api_url, dask=dask_cluster)
     assert second.returncode == 0, second.stderr[-3000:]

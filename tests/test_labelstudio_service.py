@@ -482,3 +482,122 @@ def test_state_and_label_studio_data_are_owner_only_and_the_token_is_not_in_the_
         checked += 1
     names = {p.name for p in state.rglob("*")}
     assert {"credentials.json", "server.log", "label_studio.sqlite3", "media", "server"} <= names and checked > 6
+
+
+# ---------------------------------------------------------------------------------- issue #16: one more annotator
+
+
+def test_three_annotators_who_disagree_get_a_fourth_once_even_across_a_crash(client, label_studio, ls_root, doc_root,
+                                                                             tmp_path, monkeypatch):
+    from tasks.labelstudio import sync as sync_module
+
+    labels = _labels("overlap")
+    project = ensure_project(client, labels, ls_root / "source", doc_root, annotations_per_task=3)
+    layout = DataLayout(tmp_path / "data")
+    state = layout.labelstudio
+    push_selection(client, project, _selection(3, prefix="o"), state)
+    task_of = {r["record_id"]: int(r["task_id"]) for r in read_ledger(state).to_pylist()}
+    answers = {"ann1": {"o0": "joy", "o1": "fear", "o2": "joy"},
+               "ann2": {"o0": "fear", "o1": "fear", "o2": "joy"},
+               "ann3": {"o0": "sadness", "o1": "fear", "o2": "joy"}}  # o0: three answers, three labels
+    team = {name: enlist(client, state, f"{name}@overlap.test", labels, gold) for name, gold in answers.items()}
+    for annotator in team.values():
+        assert annotator.annotate_pending(project.project_id).annotated == 3
+    assert client.task_state(task_of["o0"])["is_labeled"] is True  # Label Studio: finished, offered to nobody
+
+    def sync():
+        return sync_annotations(client, project, layout.annotation_labels, state, layout=layout, min_confidence=0.7,
+                                extra_annotator_budget=5)
+
+    # Killed after the server call, before the ledger says it was done.
+    real_write = sync_module._write_overlap_raises
+    writes = []
+
+    def crash_on_second_write(*args, **kwargs):
+        writes.append(1)
+        if len(writes) == 2:
+            raise KeyboardInterrupt("killed after raising the overlap, before the ledger write")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(sync_module, "_write_overlap_raises", crash_on_second_write)
+    with pytest.raises(KeyboardInterrupt):
+        sync()
+    monkeypatch.undo()
+    (intent,) = sync_module.read_overlap_raises(state).to_pylist()
+    assert (intent["task_id"], intent["from_overlap"], intent["to_overlap"], intent["raised_at"]) == \
+        (task_of["o0"], 3, 4, None)
+    raised = client.task_state(task_of["o0"])
+    assert (raised["overlap"], raised["is_labeled"]) == (4, False)  # the server got it before the crash
+
+    rerun = sync()
+    assert (rerun.method, rerun.n_uncertain, rerun.n_overlap_raised) == ("majority", 1, 0)
+    assert client.task_state(task_of["o0"])["overlap"] == 4  # not raised a second time
+    (done,) = sync_module.read_overlap_raises(state).to_pylist()
+    assert done["raised_at"] is not None
+    rows = {r["record_id"]: (r["label"], r["confidence"]) for r in pq.read_table(layout.annotation_labels).to_pylist()}
+    assert rows == {"o1": ("fear", 1.0), "o2": ("joy", 1.0)}  # o0 is a tie: not a label yet
+    # Label Studio reports it unfinished; its media stay served (o1 and o2 share the same files).
+    project_info = client._get_json(f"api/projects/{project.project_id}", {})
+    assert project_info["finished_task_number"] == 2
+    assert sorted(p.suffix for p in project.media_dir.iterdir()) == [".png", ".wav"]
+    parts = sorted(layout.annotators.iterdir())
+    assert len(parts) == 1  # the crashed sync wrote it; its rerun found it
+    estimates = pq.read_table(parts[0]).to_pylist()
+    assert sorted(r["annotator"] for r in estimates) == [f"{name}@overlap.test" for name in answers]
+    assert all(r["n_tasks"] == 3 and r["method"] == "majority" for r in estimates)
+    assert "| ann1@overlap.test | 3 |" in rerun.markdown() and "one more annotator asked for 0" in rerun.markdown()
+
+    # The stream offers o0, and only o0, to a fourth annotator; the first three get nothing more.
+    fourth = enlist(client, state, "ann4@overlap.test", labels, {"o0": "joy", "o1": "joy", "o2": "joy"})
+    offered = fourth.annotate_pending(project.project_id)
+    assert offered.task_ids == [task_of["o0"]]
+    assert team["ann1"].annotate_pending(project.project_id).task_ids == []
+    assert client.task_state(task_of["o0"])["is_labeled"] is True  # four annotations for an overlap of four
+
+    # Still uncertain (joy 2 of 4), but asked once for that reason: never again.
+    after = sync()
+    assert (after.n_uncertain, after.n_overlap_raised, after.n_overlap_waiting) == (1, 0, 0)
+    assert client.task_state(task_of["o0"])["overlap"] == 4
+    assert sync_module.read_overlap_raises(state).num_rows == 1
+    o0 = next(r for r in pq.read_table(layout.annotation_labels).to_pylist() if r["record_id"] == "o0")
+    assert (o0["label"], o0["annotators"], o0["confidence"]) == ("joy", 4, 0.5)
+    assert list(project.media_dir.iterdir()) == []  # every task finished: nothing left to serve
+    assert len(list(layout.annotators.iterdir())) == 2  # a new annotation: a new part
+    again = sync()
+    assert again.n_overlap_raised == 0 and len(list(layout.annotators.iterdir())) == 2
+
+
+def test_a_crash_after_the_intent_and_before_the_server_call_is_completed_by_the_next_sync(client, label_studio, ls_root,
+                                                                                          doc_root, tmp_path,
+                                                                                          monkeypatch):
+    from tasks.labelstudio import sync as sync_module
+
+    labels = _labels("intent")
+    project = ensure_project(client, labels, ls_root / "source", doc_root, annotations_per_task=2)
+    layout = DataLayout(tmp_path / "data")
+    state = layout.labelstudio
+    push_selection(client, project, _selection(2, prefix="n"), state)
+    task_of = {r["record_id"]: int(r["task_id"]) for r in read_ledger(state).to_pylist()}
+    for name, gold in (("first", {"n0": "joy", "n1": "fear"}), ("second", {"n0": "anger-intent", "n1": "fear"})):
+        enlist(client, state, f"{name}@intent.test", labels, gold).annotate_pending(project.project_id)
+
+    def sync(budget):
+        return sync_annotations(client, project, layout.annotation_labels, state, layout=layout,
+                                extra_annotator_budget=budget)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the intent was written, before the server call")
+
+    monkeypatch.setattr(client, "set_task_overlap", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sync(budget=1)
+    monkeypatch.undo()
+    (intent,) = sync_module.read_overlap_raises(state).to_pylist()
+    assert (intent["task_id"], intent["to_overlap"], intent["raised_at"]) == (task_of["n0"], 3, None)
+    assert client.task_state(task_of["n0"])["overlap"] == 2  # the server never heard of it
+    # The next sync completes the intent even with no budget left for new ones.
+    rerun = sync(budget=0)
+    assert rerun.n_overlap_raised == 1
+    state_now = client.task_state(task_of["n0"])
+    assert (state_now["overlap"], state_now["is_labeled"]) == (3, False)
+    assert sync(budget=1).n_overlap_raised == 0 and client.task_state(task_of["n0"])["overlap"] == 3

@@ -135,6 +135,7 @@ def test_labels_merge_is_an_upsert_and_gold_wins(tmp_path):
             "record_id": [p[0] for p in pairs], "label": [p[1] for p in pairs], "source": [source] * len(pairs),
             "annotators": [0 if source == "gold" else 3] * len(pairs), "agreement": [None] * len(pairs),
             "ls_task_id": [None] * len(pairs), "annotated_at": [None] * len(pairs),
+            "confidence": [None] * len(pairs),
         }).cast(LABELS_SCHEMA)
 
     layout = DataLayout(tmp_path)

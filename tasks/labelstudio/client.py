@@ -177,24 +177,51 @@ class LabelStudioClient:
         return [int(t) for t in task_ids]
 
     def iter_tasks(self, project_id: int, page_size: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every task of a project as {id, data} (no annotations), page by page."""
+        """Every task of a project as {id, data, overlap, is_labeled} (no annotations), page by page.
+
+        ``overlap`` is how many annotators the task asks for, ``is_labeled`` whether Label
+        Studio counts it finished (so its labeling stream offers it to nobody).
+        """
         page = 1
         while True:
             # Plain HTTP through the SDK's client: the typed pager re-validates every field and
             # is several times slower on thousands of tasks.
             body = self.call(f"list tasks page {page}", lambda: self._get_json(
                 "api/tasks/", {"project": project_id, "page": page, "page_size": page_size,
-                               "fields": "task_only", "include": "id,data"}))
+                               "fields": "task_only", "include": "id,data,overlap,is_labeled"}))
             tasks = body.get("tasks", []) if isinstance(body, dict) else body
-            yield from ({"id": t["id"], "data": t.get("data", {})} for t in tasks)
+            yield from ({"id": t["id"], "data": t.get("data", {}), "overlap": t.get("overlap"),
+                         "is_labeled": t.get("is_labeled")} for t in tasks)
             total = body.get("total") if isinstance(body, dict) else None
             if not tasks or (total is not None and page * page_size >= total):
                 return
             page += 1
 
+    def task_state(self, task_id: int) -> dict[str, Any]:
+        """One task's {id, overlap, is_labeled, total_annotations, cancelled_annotations}, as the server has it now."""
+        body = self.call(f"get task {task_id}", lambda: self._get_json(f"api/tasks/{int(task_id)}/", {}))
+        return {key: body.get(key) for key in ("id", "overlap", "is_labeled", "total_annotations",
+                                               "cancelled_annotations")}
+
+    def set_task_overlap(self, task_id: int, overlap: int) -> dict[str, Any]:
+        """Ask for ``overlap`` annotators on one task and reopen it for the labeling stream.
+
+        Label Studio 1.23 (``tasks/api.py`` TaskAPI, ``TaskSimpleSerializer``) takes ``overlap``
+        in a PATCH of the task but does not recompute ``is_labeled`` from it (only a new or
+        deleted annotation does), and the stream (``projects/functions/next_task.py``) offers
+        only tasks with ``is_labeled`` false: so both are sent. The next annotation recomputes
+        ``is_labeled`` against the new overlap. Setting absolute values, so safe to retry.
+        """
+        body = self.call(f"set overlap of task {task_id}", lambda: self._request_json(
+            f"api/tasks/{int(task_id)}/", "PATCH", {"overlap": int(overlap), "is_labeled": False}))
+        return {key: body.get(key) for key in ("id", "overlap", "is_labeled")}
+
     def _get_json(self, path: str, params: dict[str, Any]) -> Any:
+        return self._request_json(path, "GET", params=params)
+
+    def _request_json(self, path: str, method: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
         wrapper = self.sdk._client_wrapper
-        response = wrapper.httpx_client.request(path, method="GET", params=params)
+        response = wrapper.httpx_client.request(path, method=method, params=params or {}, json=body)
         if response.status_code >= 400:
             raise ApiError(status_code=response.status_code, headers={}, body=response.text[:500])
         return response.json()

@@ -118,8 +118,11 @@ def keep_pending(selected: pa.Table | str | os.PathLike | None, state: LabelStud
 
 
 def push_to_labelstudio(settings: Settings, selected: pa.Table | str | os.PathLike | None,
-                        model_version: str | None = None, annotations_per_task: int = 1) -> PushResult:
+                        model_version: str | None = None, annotations_per_task: int | None = None) -> PushResult:
     """Push a selection (plus anything pending); when Label Studio is unreachable keep it pending.
+
+    ``annotations_per_task`` None keeps the project's (1 for a new one): changing a project's
+    maximum annotations makes Label Studio reset every task's overlap, the ones sync raised too.
 
     A wrong token still raises ``LabelStudioAuthError`` (naming the setting to fix): that
     needs a person, not a retry.
@@ -145,7 +148,9 @@ def sync_from_labelstudio(settings: Settings, publish: bool = True, start_local:
     """
     session = connect(settings, source_root_of(settings), start_local=start_local)
     result = sync_annotations(session.client, session.project, settings.layout.annotation_labels, session.state,
-                              allowed_annotators=settings.label_studio_annotators)
+                              allowed_annotators=settings.label_studio_annotators, layout=settings.layout,
+                              min_confidence=settings.consensus_min_confidence,
+                              extra_annotator_budget=settings.extra_annotator_budget)
     if publish:
         publish_markdown(result.markdown(), key="annotation-agreement", description="annotators and agreement")
     return result
