@@ -259,6 +259,11 @@ class LocalLabelStudio:
             # networks still refused (see BANNED_SUBNETS_BUT_LOOPBACK).
             "LABEL_STUDIO_USE_DEFAULT_BANNED_SUBNETS": "false",
             "LABEL_STUDIO_USER_ADDITIONAL_BANNED_SUBNETS": ",".join(BANNED_SUBNETS_BUT_LOOPBACK),
+            # Label Studio gives an ML backend 3 s to answer /setup and 1 s for /health; the
+            # local backend shares the cores with training and Dask, and on a busy machine it
+            # was refused as unreachable. A slow answer is still an answer.
+            "LABEL_STUDIO_ML_TIMEOUT_SETUP": "30",
+            "LABEL_STUDIO_ML_TIMEOUT_HEALTH": "10",
         }
         for name in ("ALLOWED_HOSTS", "DISABLE_SIGNUP_WITHOUT_LINK", "USE_DEFAULT_BANNED_SUBNETS",
                      "USER_ADDITIONAL_BANNED_SUBNETS", "ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED"):
