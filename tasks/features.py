@@ -316,9 +316,8 @@ def lookup_cached(records_path: Path, features_dir: Path, run_dir: Path, run_id:
     """A whole-partition cache hit, or None. Reads only the two key columns of the records.
 
     On a hit nothing is computed: the cached rejects are replayed into this run's rejects
-    file under ``run_id`` and the result is returned. Cheap enough for the flow process to
-    call before scheduling anything (a few indexed queries), so a warm rerun sends no task
-    to the cluster.
+    file under ``run_id`` and the result is returned (a few indexed queries): the first
+    step of :func:`extract_features`.
     """
     keys = pq.read_table(records_path, columns=["record_id", "content_hash"])
     record_ids, hashes = keys["record_id"].to_pylist(), keys["content_hash"].to_pylist()
@@ -456,14 +455,13 @@ def array_column(table: pa.Table, name: str, shape: tuple[int, ...]) -> np.ndarr
 
 # ---------------------------------------------------------------------------------- Prefect
 
-extract_features_task = task(extract_features, name="extract-features", tags=["features"], **IO_RETRY,
-                             cache_policy=NO_CACHE)
 def compact_features(features_dir: Path, spec: FeatureSpec = FeatureSpec(),
                      stop_words: bool | Iterable[str] = True) -> dict[str, int]:
     """Remove superseded rows and files from the current namespace (see tasks.feature_store)."""
     return feature_store(features_dir, spec, stop_words).compact()
 
 
+# Prefect's own result cache stays off: the content-hash cache above does this job.
+extract_features_task = task(extract_features, name="extract-features", tags=["features"], **IO_RETRY,
+                             cache_policy=NO_CACHE)
 compact_features_task = task(compact_features, name="compact-features", tags=["features"], **IO_RETRY)
-lookup_cached_task = task(lookup_cached, name="lookup-cached-features", tags=["features"], **IO_RETRY,
-                          cache_policy=NO_CACHE)  # the content-hash cache above does this job
