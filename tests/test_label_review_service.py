@@ -151,7 +151,8 @@ def test_flow_level_reviews_wait_while_label_studio_is_unreachable_then_go_out(l
                           "self_confidence": c, "suggested_confidence": 0.6, "flagged_at": flagged_at}
                          for r, c in (("f0", 0.2), ("f1", 0.1))])
     synced, pushed = sync_and_push_reviews(nothing, [records_path], publish=False)
-    assert pushed.error and synced.error and (pushed.n_open, pushed.n_waiting, pushed.n_sent) == (2, 2, 0)
+    # (No review was ever sent, so sync had nothing to ask; the push found the server down.)
+    assert pushed.error and not synced.error and (pushed.n_open, pushed.n_waiting, pushed.n_sent) == (2, 2, 0)
     assert token.get_secret_value() not in pushed.error
     assert not layout.labelstudio.review_ledger.exists()
 
@@ -162,3 +163,6 @@ def test_flow_level_reviews_wait_while_label_studio_is_unreachable_then_go_out(l
     synced, pushed = sync_and_push_reviews(up, [records_path], publish=False)
     assert (pushed.n_sent, pushed.n_already, pushed.n_waiting) == (1, 1, 0)
     assert sorted(read_review_ledger(layout.labelstudio).column("record_id").to_pylist()) == ["f0", "f1"]
+    # Down again, with reviews out: sync says so, the push waits for the same outage instead of retrying.
+    synced, pushed = sync_and_push_reviews(nothing, [records_path], publish=False)
+    assert synced.error and pushed.error and (pushed.n_open, pushed.n_already, pushed.n_waiting) == (2, 2, 0)

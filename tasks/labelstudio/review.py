@@ -54,6 +54,7 @@ from tasks.labelstudio.client import LabelStudioClient, LabelStudioUnavailable
 from tasks.labelstudio.project import LabelStudioProject, ensure_project
 from tasks.labelstudio.push import (DEFAULT_BATCH_SIZE, send_tasks, state_lock, task_payload, tasks_on_server,
                                     use_for_prelabeling)
+from tasks.labelstudio.resource import connect, demo_truth, document_root_for, source_root_of
 from tasks.labelstudio.server import LabelStudioAuthError, LabelStudioError
 from tasks.labelstudio.sync import Watermark, project_members, prune_done_media, resolve_tasks
 from tasks.retry import IO_RETRY
@@ -383,8 +384,6 @@ def reviews_markdown(pushed: ReviewPushResult | None, synced: ReviewSyncResult |
 
 def review_project(settings: Settings, start_local: bool = True) -> tuple[LabelStudioClient, LabelStudioProject]:
     """Reach Label Studio (like the annotation push) and bootstrap the review project."""
-    from tasks.labelstudio.resource import connect, document_root_for, source_root_of
-
     session = connect(settings, source_root_of(settings), start_local=start_local)
     project = ensure_project(session.client, settings.labels, source_root_of(settings), document_root_for(settings),
                              annotations_per_task=1, purpose="review")
@@ -399,16 +398,32 @@ def push_reviews_to_labelstudio(settings: Settings, records_paths: Sequence[str 
     except LabelStudioAuthError:
         raise
     except (LabelStudioUnavailable, LabelStudioError, OSError) as exc:
-        n_open = unreviewed_flags(layout).num_rows
-        log.warning("Label Studio unreachable; %d open flags wait for the next run: %s", n_open, exc)
-        return ReviewPushResult(-1, n_open, 0, 0, 0, n_open, budget=settings.review_budget, error=str(exc))
+        return _unreachable_push_result(settings, str(exc))
     return push_reviews(client, project, layout, records_paths, layout.labelstudio, settings.review_budget)
+
+
+def _unreachable_push_result(settings: Settings, error: str) -> ReviewPushResult:
+    """What a push that could not reach Label Studio reports: open flags in review (by the
+    ledger, whichever project) or waiting for the next run."""
+    flags = unreviewed_flags(settings.layout).to_pylist()
+    ledger = read_review_ledger(settings.layout.labelstudio)
+    sent = {review_key(r["record_id"], r["label"], r["flagged_at"]) for r in ledger.to_pylist()}
+    n_already = sum(review_key(f["record_id"], f["label"], f["flagged_at"]) in sent for f in flags)
+    log.warning("Label Studio unreachable; %d open flags wait for the next run: %s", len(flags) - n_already, error)
+    return ReviewPushResult(-1, len(flags), 0, n_already, 0, len(flags) - n_already, budget=settings.review_budget,
+                            error=error)
 
 
 def sync_reviews_from_labelstudio(settings: Settings, start_local: bool = True,
                                   publish: bool = False) -> ReviewSyncResult:
-    """Reviews into ``labels/reviews.parquet``; when Label Studio is unreachable nothing changes (next run)."""
+    """Reviews into ``labels/reviews.parquet``; when Label Studio is unreachable nothing changes (next run).
+
+    Nothing ever sent for review (no review ledger): nothing to sync, Label Studio is not contacted.
+    """
     layout = settings.layout
+    if not layout.labelstudio.review_ledger.exists():
+        return ReviewSyncResult(-1, 0, 0, 0, 0, 0, 0, 0, _count_rows(layout.label_reviews),
+                                reviews_path=str(layout.label_reviews))
     try:
         client, project = review_project(settings, start_local=start_local)
         result = sync_reviews(client, project, layout, layout.labelstudio,
@@ -436,14 +451,11 @@ def sync_and_push_reviews(settings: Settings, records_paths: Sequence[str | Path
     Nothing flagged and nothing ever sent: Label Studio is not contacted at all.
     """
     layout = settings.layout
-    if not layout.label_flags.exists() and not layout.labelstudio.review_ledger.exists():
-        return (ReviewSyncResult(-1, 0, 0, 0, 0, 0, 0, 0, _count_rows(layout.label_reviews),
-                                 reviews_path=str(layout.label_reviews)),
-                ReviewPushResult(-1, 0, 0, 0, 0, 0, budget=settings.review_budget))
     synced = sync_reviews_from_labelstudio(settings)
-    if synced.error:  # unreachable just now: the push would only wait for the same retries
-        n_open = unreviewed_flags(layout).num_rows
-        pushed = ReviewPushResult(-1, n_open, 0, 0, 0, n_open, budget=settings.review_budget, error=synced.error)
+    if not layout.label_flags.exists():  # nothing flagged: nothing to send
+        pushed = ReviewPushResult(-1, 0, 0, 0, 0, 0, budget=settings.review_budget)
+    elif synced.error:  # unreachable just now: the push would only wait for the same retries
+        pushed = _unreachable_push_result(settings, synced.error)
     else:
         pushed = push_reviews_to_labelstudio(settings, records_paths)
     if publish:
@@ -456,8 +468,9 @@ def simulate_reviewers(settings: Settings, records_paths: Sequence[str | Path], 
                        seed: int) -> dict[str, int]:
     """A simulated reviewer (demo, tests) answers the pending review tasks from the demo data's true labels."""
     from tasks.labelstudio.annotator import annotate_with_team
-    from tasks.labelstudio.resource import demo_truth
 
+    if not settings.layout.labelstudio.review_ledger.exists():
+        return {"reviewed": 0}  # nothing was ever sent for review
     client, project = review_project(settings)
     (stats,) = annotate_with_team(client, project.project_id, settings.labels, demo_truth(records_paths),
                                   settings.layout.labelstudio, n_annotators=1, error_rate=error_rate, seed=seed,
