@@ -14,8 +14,8 @@ from core.io import write_parquet
 from core.layout import DataLayout, LabelStudioLayout
 from core.schemas import LABEL_FLAGS_SCHEMA, LABELS_SCHEMA
 from tasks.labels import labels_table, load_labels, merge_labels, open_flags, unreviewed_flags
-from tasks.labelstudio.project import (FROM_NAME, REVIEW_NOTE_NAME, LabelStudioProject, labeling_config,
-                                       project_title)
+from tasks.labelstudio.project import (FROM_NAME, MODALITIES_NAME, REVIEW_NOTE_NAME, LabelStudioProject,
+                                       labeling_config, project_title)
 from tasks.labelstudio.review import (REASON, REVIEW_MODEL_VERSION, ReviewPushResult, ReviewSyncResult,
                                       _ledger_keys, _review_ledger_rows, _write_review_ledger, plan_reviews,
                                       read_review_ledger, records_by_id, review_key, review_payload,
@@ -137,8 +137,10 @@ def test_review_project_has_its_own_title_and_a_view_that_shows_the_review_note(
     assert texts[REVIEW_NOTE_NAME] == "$review_note"
     (choices,) = list(review.iter("Choices"))
     assert choices.get("name") == FROM_NAME and [c.get("value") for c in choices] == list(LABELS)
+    assert [t.get("name") for t in review.iter("TextArea")] == []  # no per-modality line: flags carry none
     annotation = ET.fromstring(labeling_config(LABELS))
     assert REVIEW_NOTE_NAME not in {t.get("name") for t in annotation.iter("Text")}
+    assert [t.get("name") for t in annotation.iter("TextArea")] == [MODALITIES_NAME]
     with pytest.raises(ValueError):
         project_title(LABELS, "audit")
 

@@ -67,7 +67,8 @@ def project_title(labels: Sequence[str], purpose: str = "annotation") -> str:
 def labeling_config(labels: Sequence[str], purpose: str = "annotation") -> str:
     """The Label Studio XML for a label set: image, text and waveform side by side, one choice.
 
-    ``purpose="review"`` adds the review line above the choice (task data ``review_note``).
+    ``purpose="review"`` shows the review line (task data ``review_note``) where the
+    annotation view has its per-modality line.
     """
     if purpose not in PURPOSES:
         raise ValueError(f"unknown project purpose {purpose!r}; one of {PURPOSES}")
@@ -100,12 +101,7 @@ def labeling_config(labels: Sequence[str], purpose: str = "annotation") -> str:
       <Audio name="audio" value="$audio" waveHeight="90" hotkey="space"/>
     </View>
   </View>
-  <View className="affect-modalities">
-    <Header value="What each modality says alone (model)" size="5"/>
-    <TextArea name="{MODALITIES_NAME}" toName="{TO_NAME}" editable="false" showSubmitButton="false"
-              maxSubmissions="1" rows="1" placeholder="no per-modality prediction"/>
-  </View>
-{_REVIEW_BLOCK if purpose == "review" else ""}  <Header value="Emotion (keys 1-{len(labels)})"/>
+{_REVIEW_BLOCK if purpose == "review" else _MODALITIES_BLOCK}  <Header value="Emotion (keys 1-{len(labels)})"/>
   <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInline="true" required="true">
 {choices}
   </Choices>
@@ -113,6 +109,13 @@ def labeling_config(labels: Sequence[str], purpose: str = "annotation") -> str:
 """
 
 
+_MODALITIES_BLOCK = f"""  <View className="affect-modalities">
+    <Header value="What each modality says alone (model)" size="5"/>
+    <TextArea name="{MODALITIES_NAME}" toName="{TO_NAME}" editable="false" showSubmitButton="false"
+              maxSubmissions="1" rows="1" placeholder="no per-modality prediction"/>
+  </View>
+"""
+# A review shows the flag instead: flags carry no per-modality line, and no ML backend serves this project.
 _REVIEW_BLOCK = f"""  <View className="affect-review">
     <Header value="Suspected label error: is the current label right? (the model's suggestion is pre-selected)"
             size="5"/>

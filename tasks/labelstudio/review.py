@@ -478,7 +478,8 @@ def simulate_reviewers(settings: Settings, records_paths: Sequence[str | Path], 
     return {"reviewed": stats.annotated}
 
 
-_LABEL_STUDIO = {"tags": ["labelstudio"], "cache_policy": NO_CACHE, **IO_RETRY}  # never cached: it must reach the server
+# Never cached: each call must reach the server.
+_LABEL_STUDIO = {"tags": ["labelstudio"], "cache_policy": NO_CACHE, **IO_RETRY}
 sync_and_push_reviews_task = task(sync_and_push_reviews, name="labelstudio-reviews", **_LABEL_STUDIO)
 sync_reviews_task = task(sync_reviews_from_labelstudio, name="labelstudio-sync-reviews", **_LABEL_STUDIO)
 simulate_reviewers_task = task(simulate_reviewers, name="simulated-reviewers", **_LABEL_STUDIO)
