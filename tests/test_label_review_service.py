@@ -166,3 +166,78 @@ def test_flow_level_reviews_wait_while_label_studio_is_unreachable_then_go_out(l
     # Down again, with reviews out: sync says so, the push waits for the same outage instead of retrying.
     synced, pushed = sync_and_push_reviews(nothing, [records_path], publish=False)
     assert synced.error and pushed.error and (pushed.n_open, pushed.n_already, pushed.n_waiting) == (2, 2, 0)
+
+
+def test_nightly_build_syncs_reviews_then_sends_open_flags_with_counts_and_an_artifact(tmp_path, prefect_api_url,
+                                                                                       monkeypatch):
+    """The wiring: two nightly builds on a real Prefect API, Dask and a local Label Studio. The
+    first sends the budget's flag for review; a reviewer corrects it; the second build's review
+    stage resolves it (the flag closes) and sends the next one."""
+    import asyncio
+    import json
+
+    from prefect.client.orchestration import get_client
+
+    from core.layout import DataLayout
+    from flows.nightly_build import nightly_build
+    from flows.runner import make_task_runner
+    from core.processes import free_port
+    from core.settings import get_settings
+    from tasks.labelstudio.server import LocalLabelStudio
+    from tests.pipeline_helpers import make_source
+    from tests.test_labelstudio_service import LS_VENV, _seed_from_template
+
+    source = make_source(tmp_path / "source", n=24, gold_fraction=0.5)
+    data_root = tmp_path / "data"
+    layout = DataLayout(data_root)
+    port = free_port()
+    for name in ("AFFECTLOOP_LABEL_STUDIO_URL", "AFFECTLOOP_LABEL_STUDIO_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AFFECTLOOP_LABEL_STUDIO_PORT", str(port))
+    monkeypatch.setenv("AFFECTLOOP_ML_BACKEND", "false")
+    monkeypatch.setenv("AFFECTLOOP_REVIEW_BUDGET", "1")
+    server = LocalLabelStudio(data_root, port=port, venv=LS_VENV)
+    _seed_from_template(server)
+
+    rows = [json.loads(line) for line in (source / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    gold = [r for r in rows if r.get("label") and (r.get("image") or r.get("text"))][:2]
+    wrong = {gold[0]["record_id"]: "fear", gold[1]["record_id"]: "sadness"}  # the reviewer's answers
+    flagged_at = datetime.now(timezone.utc) - timedelta(minutes=1)
+    write_flags(layout, [{"record_id": r["record_id"], "label": r["label"], "label_source": "gold",
+                          "suggested_label": wrong[r["record_id"]], "self_confidence": c,
+                          "suggested_confidence": 0.6, "flagged_at": flagged_at}
+                         for r, c in zip(gold, (0.05, 0.2))])
+    settings = get_settings(source=str(source), data_root=data_root, dask_workers=1)
+    build = nightly_build.with_options(task_runner=make_task_runner(settings))
+    try:
+        first = build(source=str(source), data_root=str(data_root), annotation_budget=2)
+        assert first["reviews"]["pushed"]["n_sent"] == 1 and first["reviews"]["pushed"]["n_waiting"] == 1
+        (stage,) = [s for s in first["stages"] if s["stage"] == "review"]
+        assert "sent for review=1" in stage["counts"] and "waiting=1" in stage["counts"]
+        assert read_review_ledger(layout.labelstudio).column("record_id").to_pylist() == [gold[0]["record_id"]]
+
+        from tasks.labelstudio.client import LabelStudioClient
+        from tasks.labelstudio.server import resolve_credentials
+
+        client = LabelStudioClient(resolve_credentials(data_root))
+        project_id = read_review_ledger(layout.labelstudio).column("project_id")[0].as_py()
+        labels = get_settings().labels
+        assert enlist(client, layout.labelstudio, "nightly@review.test", labels, wrong
+                      ).annotate_pending(project_id).annotated == 1
+
+        second = build(source=str(source), data_root=str(data_root), annotation_budget=0)
+        synced, pushed = second["reviews"]["synced"], second["reviews"]["pushed"]
+        assert (synced["n_resolved"], synced["n_corrected"], synced["n_flags_closed"]) == (1, 1, 1)
+        assert (pushed["n_sent"], pushed["n_open"]) == (1, 1)
+        current = {r["record_id"]: (r["label"], r["source"]) for r in load_labels(layout).to_pylist()}
+        assert current[gold[0]["record_id"]] == ("fear", "review")
+        assert open_flags(layout) == {gold[1]["record_id"]}
+    finally:
+        server.stop()
+
+    async def artifacts() -> dict[str, str]:
+        async with get_client() as prefect:
+            return {a.key: str(a.data) for a in await prefect.read_artifacts() if a.key}
+
+    published = asyncio.run(artifacts())
+    assert "Review of suspected label errors" in published["label-reviews"]
