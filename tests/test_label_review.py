@@ -141,6 +141,8 @@ def test_review_project_has_its_own_title_and_a_view_that_shows_the_review_note(
     annotation = ET.fromstring(labeling_config(LABELS))
     assert REVIEW_NOTE_NAME not in {t.get("name") for t in annotation.iter("Text")}
     assert [t.get("name") for t in annotation.iter("TextArea")] == [MODALITIES_NAME]
+    # Existing annotation projects keep their config (a changed one would be rewritten on the next run).
+    assert "affect-review" not in labeling_config(LABELS)
     with pytest.raises(ValueError):
         project_title(LABELS, "audit")
 

@@ -85,8 +85,7 @@ def labeling_config(labels: Sequence[str], purpose: str = "annotation") -> str:
     .affect-words {{ flex: 1 1 320px; font-size: 18px; }}
     .affect-voice {{ flex: 1 1 420px; }}
     .affect-modalities {{ margin-top: 12px; font-size: 16px; }}
-    .affect-review {{ margin-top: 12px; font-size: 17px; font-weight: 600; }}
-  </Style>
+{_REVIEW_STYLE if purpose == "review" else ""}  </Style>
   <View className="affect-row">
     <View className="affect-face">
       <Header value="Face"/>
@@ -115,6 +114,7 @@ _MODALITIES_BLOCK = f"""  <View className="affect-modalities">
               maxSubmissions="1" rows="1" placeholder="no per-modality prediction"/>
   </View>
 """
+_REVIEW_STYLE = "    .affect-review { margin-top: 12px; font-size: 17px; font-weight: 600; }\n"
 # A review shows the flag instead: flags carry no per-modality line, and no ML backend serves this project.
 _REVIEW_BLOCK = f"""  <View className="affect-review">
     <Header value="Suspected label error: is the current label right? (the model's suggestion is pre-selected)"
