@@ -16,6 +16,11 @@ is published first into the project's media folder (``tasks.labelstudio.media``:
 with ingest's rules, named by content hash, hard link or copy), and the task URL names that
 file. A record whose media can no longer be published safely (the source changed since
 ingest: a symlink out of the root, a file gone) is not sent, counted as ``n_refused``.
+
+The pieces are shared with the review push of suspected label errors
+(``tasks.labelstudio.review``): ``tasks_on_server`` (the check before sending),
+``send_tasks`` (publish media, import a batch, record it, stop at an outage),
+``use_for_prelabeling`` and ``state_lock``; each push keeps its own ledger.
 """
 
 from __future__ import annotations
