@@ -20,7 +20,9 @@ inner structure is part of how the adapter keeps its guarantees.
       reports/<version>/                 confusion matrices, learning curves
       runs/<run_id>/                     one build's scratch: manifest chunks, records, scores, selection
       state/labelstudio/                 local server, credentials (0600), push ledger, pending, watermark,
-                                         annotators (0600), overlap_raises (extra annotators asked), media/ (the only folder Label Studio serves),
+                                         review ledger and watermark (suspected label errors sent for review),
+                                         annotators (0600), overlap_raises (extra annotators asked),
+                                         media/ (the only folder Label Studio serves),
                                          ml_backend.json / .log, ml_backend_auth.json (0600)
       state/prefect/                     PREFECT_HOME of the local Prefect API the CLI starts
       state/retrain.json                 labels counted at the last retrain
@@ -130,6 +132,17 @@ class LabelStudioLayout:
     def pending(self) -> Path:
         """Selected records not yet pushed (Label Studio was unreachable)."""
         return self.root / "pending.parquet"
+
+    @property
+    def review_ledger(self) -> Path:
+        """Every suspected label error sent for review, with its task id: once per (record, label, flagged_at)."""
+        return self.root / "review_ledger.parquet"
+
+    @property
+    def review_watermark(self) -> Path:
+        """How far review sync has read the review project's annotations (its own file: the
+        annotation sync may run at the same time, and each rewrites its watermark whole)."""
+        return self.root / "review_watermark.json"
 
     @property
     def push_lock(self) -> Path:

@@ -75,7 +75,7 @@ LABELS_SCHEMA = pa.schema(
     [
         pa.field("record_id", pa.string(), nullable=False),
         pa.field("label", DICT_STRING, nullable=False),
-        pa.field("source", DICT_STRING, nullable=False),  # gold | annotation
+        pa.field("source", DICT_STRING, nullable=False),  # gold | annotation | review
         pa.field("annotators", pa.int32(), nullable=False),
         pa.field("agreement", pa.float32()),  # share of annotators who chose the label; null for gold
         pa.field("ls_task_id", pa.int64()),

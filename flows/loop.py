@@ -5,8 +5,9 @@ Each step is a flow of its own (``nightly_build``, ``annotation_sync``, ``retrai
 run here as a subflow. In demo mode (``demo=True``, what ``make run`` uses) the annotators
 are simulated: they sign up in Label Studio like people and annotate pending tasks from the
 demo data's true labels (kept in each record's metadata as ``true_label``) with a small
-error rate, through the same HTTP API a browser uses. Outside demo mode the loop stops
-after the push and picks up whatever people have annotated by the next sync.
+error rate, through the same HTTP API a browser uses; a simulated reviewer answers the
+review tasks of suspected label errors the same way. Outside demo mode the loop stops
+after the push and picks up whatever people have annotated or reviewed by the next sync.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flows.report import RunReport, print_rounds
 from flows.retrain import retrain_flow
 from flows.sync import annotation_sync
 from tasks.labelstudio.resource import simulate_annotators_task
+from tasks.labelstudio.review import simulate_reviewers_task
 from tasks.score import production_version_task
 from tasks.select import stopping_signal_task
 
@@ -34,7 +36,7 @@ def loop(source: str | None = None, data_root: str | None = None, rounds: int = 
     settings = get_settings(source=source, data_root=data_root, annotation_budget=annotation_budget)
     source, data_root, layout = settings.source, str(settings.data_root), settings.layout
     report = RunReport("affectloop loop", datetime.now(timezone.utc).strftime("loop-%Y%m%dT%H%M%SZ"),
-                       facts={"planned_stages": 2 + 4 * rounds})
+                       facts={"planned_stages": 2 + 5 * rounds})
     rounds_table: list[dict[str, Any]] = []
 
     with report.stage("build (round 0)") as stage:
@@ -55,12 +57,14 @@ def loop(source: str | None = None, data_root: str | None = None, rounds: int = 
             with report.stage(f"annotate (round {index})") as stage:
                 stage.counts = simulate_annotators_task(settings, records_paths, annotators, error_rate,
                                                         settings.seed + index)
+                stage.counts |= simulate_reviewers_task(settings, records_paths, error_rate, settings.seed + index)
         with report.stage(f"sync (round {index})") as stage:
             synced = annotation_sync(source, data_root)
             stage.counts = {"resolved": synced["n_resolved"], "labels": synced["n_labels_total"],
                             "ignored (unknown task/annotator)": synced["n_unknown_tasks"] + synced["n_unknown_annotators"],
                             "overlap raised": synced["n_overlap_raised"]}
             stage.note = f"consensus: {synced['method']}" if synced["method"] else ""
+            stage.counts |= {f"reviews {k}": v for k, v in synced["reviews"].items()}  # they win before retrain
         with report.stage(f"retrain (round {index})") as stage:
             trained = retrain_flow(data_root, fusion=fusion, epochs=epochs)
             stage.counts = {k: trained[f"n_{k}"] for k in ("train", "holdout") if f"n_{k}" in trained}

@@ -10,6 +10,9 @@
     write            scores/run_date=…/ and rejects/run_date=…/ replaced atomically; superseded
                      feature files compacted away
     push             selected records to Label Studio; if it is down they stay pending for the next run
+    review           reviews of suspected label errors in (closing their flags), then the open flags
+                     (labels/flags.parquet, written by the flagging step) out to the review project,
+                     within review_budget; if Label Studio is down they stay open for the next run
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flows.runner import AffectloopTaskRunner
 from tasks.ingest import new_run_id
 from tasks.labels import merge_gold_labels_task
 from tasks.labelstudio.resource import push_to_labelstudio_task
+from tasks.labelstudio.review import sync_and_push_reviews_task
 from tasks.publish import clean_staging_task, publish_rejects_task, publish_scores_task
 from tasks.score import predicted_label_counts_task, production_version_task, score_partition_task
 from tasks.features import IngestFeaturesSummary, compact_features_task
@@ -45,7 +49,7 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
                             annotation_budget=annotation_budget, selection_strategy=selection_strategy)
     check_strategy(settings.selection_strategy)
     run_id, run_date = new_run_id(), run_date or datetime.now(timezone.utc).date()
-    report = RunReport("nightly build", run_id, facts={"planned_stages": 8})
+    report = RunReport("nightly build", run_id, facts={"planned_stages": 9})
     clean_staging_task(settings.layout.root)
     with report.stage("ingest+features") as stage:
         built = ingest_and_featurise(settings, run_id)
@@ -65,6 +69,8 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
         stage.counts = compact_features_task.submit(settings.layout.features).result()
     with report.stage("push") as stage:
         push_build(settings, selection.selection_path, version, push_to_label_studio, stage)
+    with report.stage("review") as stage:
+        reviews = review_build(settings, built.records_paths, push_to_label_studio, stage)
     predicted = predicted_label_counts_task(score_parts) if score_parts else {}
     report.facts["predicted labels"] = ", ".join(f"{k}={v}" for k, v in predicted.items()) or COLD_START_NOTE
     report.facts["model"] = version or "none (cold start)"
@@ -73,7 +79,7 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
     return {**built.as_dict(), "run_date": run_date.isoformat(), "model_version": version,
             "cold_start": version is None, "scored": sum(predicted.values()),
             "selected": len(selection.selected_ids), "selection_path": str(selection.selection_path),
-            "stages": report.table_rows()}
+            "reviews": reviews, "stages": report.table_rows()}
 
 
 # The stages, each a composition of tasks. From "labels" on, every task that reads the run's
@@ -144,6 +150,19 @@ def push_build(settings: Settings, selection_path: Path, version: str | None, pu
                     "pending": pushed.n_pending, "refused (media unsafe)": pushed.n_refused}
     if pushed.error:
         stage.note = "Label Studio unreachable: selection kept pending for the next run"
+
+
+def review_build(settings: Settings, records_paths: list[str], push: bool, stage: StageRecord) -> dict[str, Any]:
+    """Reviews in (closing their flags), then open flags out to the review project, within the budget."""
+    if not push:
+        stage.note = "skipped (push_to_label_studio=false)"
+        return {}
+    synced, pushed = sync_and_push_reviews_task(settings, records_paths)
+    stage.counts = {"reviews resolved": synced.n_resolved, "flags closed": synced.n_flags_closed,
+                    "sent for review": pushed.n_sent, "in review": pushed.n_already, "waiting": pushed.n_waiting}
+    if pushed.error or synced.error:
+        stage.note = "Label Studio unreachable: open flags wait for the next run"
+    return {"synced": synced.as_dict(), "pushed": pushed.as_dict()}
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def test_a_new_upward_import_is_caught(tmp_path):
 LAYOUT_FILE_NAMES = ("ledger.parquet", "pending.parquet", "credentials.json", "watermark.json", "retrain.json",
                      "stopping_signal.json", "gold.parquet", "annotations.parquet", "groups.parquet",
                      "server.json", "selection.parquet", "holdout.json", "annotators.json", "reviews.parquet",
-                     "flags.parquet", "overlap_raises.parquet")
+                     "flags.parquet", "overlap_raises.parquet", "review_ledger.parquet", "review_watermark.json")
 
 
 def test_only_the_layout_names_files_under_the_data_root():

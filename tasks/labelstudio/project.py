@@ -9,6 +9,13 @@ import storage is registered, on the project's published-media folder
 (``<document root>/affectloop-project-<id>/``, see ``tasks.labelstudio.media``) and on
 nothing else: any other local storage of the project (older versions registered the raw
 source) is removed. Media are served from ``/data/local-files/?d=affectloop-project-<id>/<sha256><ext>``.
+
+Two purposes, one project each per label set (issue #16): ``annotation`` (records the
+model is unsure of, one task per record) and ``review`` (records whose label is suspected
+wrong: the same view plus a line naming the current label, its source and the model's
+suggestion, which also comes as the pre-selected prediction with its score). A separate
+review project keeps the annotation project's one-task-per-record ledger and its consensus
+untouched: a review is a second look at an already labeled record, not one more vote.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from tasks.labelstudio.server import LabelStudioError
 FROM_NAME = "emotion"  # the Choices control
 TO_NAME = "text"  # the object the choice is attached to (always present in the config)
 MODALITIES_NAME = "modalities"  # the read-only TextArea showing what each modality alone says
+REVIEW_NOTE_NAME = "review_note"  # review projects: the Text naming the current label and the suggestion
 # Bump when the generated config changes; reruns then update the project.
 # 2: the per-modality line (issue #15).
 CONFIG_VERSION = "2"
@@ -46,12 +54,24 @@ def label_set_hash(labels: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(labels).encode("utf-8")).hexdigest()[:8]
 
 
-def project_title(labels: Sequence[str]) -> str:
-    return f"affectloop emotions [{label_set_hash(labels)}]"
+PURPOSES = ("annotation", "review")
+_TITLE_PREFIX = {"annotation": "affectloop emotions", "review": "affectloop label reviews"}
 
 
-def labeling_config(labels: Sequence[str]) -> str:
-    """The Label Studio XML for a label set: image, text and waveform side by side, one choice."""
+def project_title(labels: Sequence[str], purpose: str = "annotation") -> str:
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown project purpose {purpose!r}; one of {PURPOSES}")
+    return f"{_TITLE_PREFIX[purpose]} [{label_set_hash(labels)}]"
+
+
+def labeling_config(labels: Sequence[str], purpose: str = "annotation") -> str:
+    """The Label Studio XML for a label set: image, text and waveform side by side, one choice.
+
+    ``purpose="review"`` shows the review line (task data ``review_note``) where the
+    annotation view has its per-modality line.
+    """
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown project purpose {purpose!r}; one of {PURPOSES}")
     if not 2 <= len(labels) <= 9:
         # Hotkeys are the digits 1..9; more labels would need letter hotkeys.
         raise ValueError(f"the labeling config supports 2..9 labels, got {len(labels)}")
@@ -65,7 +85,7 @@ def labeling_config(labels: Sequence[str]) -> str:
     .affect-words {{ flex: 1 1 320px; font-size: 18px; }}
     .affect-voice {{ flex: 1 1 420px; }}
     .affect-modalities {{ margin-top: 12px; font-size: 16px; }}
-  </Style>
+{_REVIEW_STYLE if purpose == "review" else ""}  </Style>
   <View className="affect-row">
     <View className="affect-face">
       <Header value="Face"/>
@@ -80,16 +100,27 @@ def labeling_config(labels: Sequence[str]) -> str:
       <Audio name="audio" value="$audio" waveHeight="90" hotkey="space"/>
     </View>
   </View>
-  <View className="affect-modalities">
-    <Header value="What each modality says alone (model)" size="5"/>
-    <TextArea name="{MODALITIES_NAME}" toName="{TO_NAME}" editable="false" showSubmitButton="false"
-              maxSubmissions="1" rows="1" placeholder="no per-modality prediction"/>
-  </View>
-  <Header value="Emotion (keys 1-{len(labels)})"/>
+{_REVIEW_BLOCK if purpose == "review" else _MODALITIES_BLOCK}  <Header value="Emotion (keys 1-{len(labels)})"/>
   <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInline="true" required="true">
 {choices}
   </Choices>
 </View>
+"""
+
+
+_MODALITIES_BLOCK = f"""  <View className="affect-modalities">
+    <Header value="What each modality says alone (model)" size="5"/>
+    <TextArea name="{MODALITIES_NAME}" toName="{TO_NAME}" editable="false" showSubmitButton="false"
+              maxSubmissions="1" rows="1" placeholder="no per-modality prediction"/>
+  </View>
+"""
+_REVIEW_STYLE = "    .affect-review { margin-top: 12px; font-size: 17px; font-weight: 600; }\n"
+# A review shows the flag instead: flags carry no per-modality line, and no ML backend serves this project.
+_REVIEW_BLOCK = f"""  <View className="affect-review">
+    <Header value="Suspected label error: is the current label right? (the model's suggestion is pre-selected)"
+            size="5"/>
+    <Text name="{REVIEW_NOTE_NAME}" value="$review_note"/>
+  </View>
 """
 
 
@@ -110,6 +141,7 @@ class LabelStudioProject:
     storage_id: int | None
     created: bool
     annotations_per_task: int = 1
+    purpose: str = "annotation"
 
     @property
     def media_dir(self) -> Path | None:
@@ -128,8 +160,8 @@ class LabelStudioProject:
 
 def ensure_project(client: LabelStudioClient, labels: Sequence[str], source_root: str | os.PathLike,
                    document_root: str | os.PathLike | None = None,
-                   annotations_per_task: int | None = 1) -> LabelStudioProject:
-    """Find or create the project for ``labels``; make its config, overlap and storage current.
+                   annotations_per_task: int | None = 1, purpose: str = "annotation") -> LabelStudioProject:
+    """Find or create the ``purpose`` project for ``labels``; make its config, overlap and storage current.
 
     ``document_root`` is the server's local-files document root (the local server's is
     ``state/labelstudio/media``); None serves no media. It must not contain the source: any
@@ -144,9 +176,10 @@ def ensure_project(client: LabelStudioClient, labels: Sequence[str], source_root
             f"Label Studio's document root {doc_root} contains the source {source}: the server could be made to "
             f"serve its manifest and rejected files. Give the server a document root of its own (for your own "
             f"server: its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT and AFFECTLOOP_LABEL_STUDIO_DOCUMENT_ROOT)")
-    title = project_title(labels)
-    config = labeling_config(labels)
-    description = f"affectloop labels: {', '.join(labels)} (config v{CONFIG_VERSION})"
+    title = project_title(labels, purpose)
+    config = labeling_config(labels, purpose)
+    what = "labels" if purpose == "annotation" else "label reviews"
+    description = f"affectloop {what}: {', '.join(labels)} (config v{CONFIG_VERSION})"
 
     found = sorted(client.find_projects(title), key=lambda p: p["id"])
     if found:
@@ -178,7 +211,7 @@ def ensure_project(client: LabelStudioClient, labels: Sequence[str], source_root
     storage_id = _ensure_local_storage(client, project_id, media_dir(doc_root, project_id) if doc_root else None)
     return LabelStudioProject(project_id=project_id, title=title, labels=labels, source_root=str(source),
                               document_root=str(doc_root) if doc_root else None, storage_id=storage_id,
-                              created=created, annotations_per_task=annotations_per_task)
+                              created=created, annotations_per_task=annotations_per_task, purpose=purpose)
 
 
 def _ensure_local_storage(client: LabelStudioClient, project_id: int, folder: Path | None) -> int | None:

@@ -16,6 +16,11 @@ is published first into the project's media folder (``tasks.labelstudio.media``:
 with ingest's rules, named by content hash, hard link or copy), and the task URL names that
 file. A record whose media can no longer be published safely (the source changed since
 ingest: a symlink out of the root, a file gone) is not sent, counted as ``n_refused``.
+
+The pieces are shared with the review push of suspected label errors
+(``tasks.labelstudio.review``): ``tasks_on_server`` (the check before sending),
+``send_tasks`` (publish media, import a batch, record it, stop at an outage),
+``use_for_prelabeling`` and ``state_lock``; each push keeps its own ledger.
 """
 
 from __future__ import annotations
@@ -242,14 +247,14 @@ def _push_locked(client: LabelStudioClient, project: LabelStudioProject,
     known: dict[str, int] = dict(zip(ledger.filter(in_project).column("record_id").to_pylist(),
                                      ledger.filter(in_project).column("task_id").to_pylist()))
     try:
-        on_server = {t["data"].get("record_id"): int(t["id"]) for t in client.iter_tasks(project_id)}
+        on_server = tasks_on_server(client, project_id)
     except LabelStudioUnavailable as exc:
         write_pending(state, candidates)
         log.warning("Label Studio unavailable; %d records stay pending: %s", n_selected, exc)
         return PushResult(project_id, n_selected, 0, 0, 0, n_selected, error=str(exc))
 
     # Adopt what the server has and the ledger lacks (a crash after an import): never resend it.
-    adopted = [(r, t) for r, t in on_server.items() if r is not None and r not in known]
+    adopted = [(r, t) for r, t in on_server.items() if r not in known]
     if adopted:
         ledger = pa.concat_tables([ledger, _ledger_rows(project_id, adopted, "adopted")])
         _write_ledger(state, ledger)
@@ -262,52 +267,98 @@ def _push_locked(client: LabelStudioClient, project: LabelStudioProject,
 
     # Recorded before the first request, so a crash mid-push loses nothing of the selection.
     write_pending(state, to_send)
-    rows = to_send.to_pylist()
-    n_done = n_pushed = n_refused = 0  # n_done: rows of to_send handled (sent or refused)
+
+    def record(sent: list[dict[str, Any]], task_ids: list[int]) -> None:
+        nonlocal ledger
+        ledger = pa.concat_tables([ledger, _ledger_rows(project_id, zip([r["record_id"] for r in sent], task_ids),
+                                                        "import")])
+        _write_ledger(state, ledger)
+
+    def after_batch(index: int, n_done: int, n_sent: int) -> None:
+        write_pending(state, to_send.slice(n_done))
+        if on_batch is not None:
+            on_batch(index, n_sent)
+
+    sent = send_tasks(client, project, to_send.to_pylist(), task_payload, record, batch_size, after_batch)
+    if sent.error is not None:
+        remaining = to_send.slice(sent.n_done)
+        write_pending(state, remaining)
+        return PushResult(project_id, n_selected, sent.n_sent, n_skipped, len(adopted), remaining.num_rows,
+                          error=sent.error, n_refused=sent.n_refused)
+    write_pending(state, SELECTION_SCHEMA.empty_table())
+    use_for_prelabeling(client, project_id, to_send.column("model_version").to_pylist())
+    return PushResult(project_id, n_selected, sent.n_sent, n_skipped, len(adopted), 0, n_refused=sent.n_refused)
+
+
+def tasks_on_server(client: LabelStudioClient, project_id: int, key_field: str = "record_id") -> dict[str, int]:
+    """``data[key_field]`` -> task id of every task in the project (raises ``LabelStudioUnavailable``).
+
+    The check before sending: whatever is here but missing from a ledger was imported just
+    before a crash (or a timeout) and is adopted, never sent again.
+    """
+    found: dict[str, int] = {}
+    for item in client.iter_tasks(project_id):
+        key = (item.get("data") or {}).get(key_field)
+        if key is not None:
+            found[str(key)] = int(item["id"])
+    return found
+
+
+@dataclass
+class SendOutcome:
+    n_sent: int = 0  # tasks created
+    n_refused: int = 0  # rows whose media could not be published safely: not sent
+    n_done: int = 0  # rows handled (sent or refused), in order: rows[n_done:] are still to send
+    error: str | None = None  # set when Label Studio became unavailable; the rest was not sent
+
+
+def send_tasks(client: LabelStudioClient, project: LabelStudioProject, rows: list[dict[str, Any]],
+               payload_of: Callable[[dict[str, Any], LabelStudioProject, dict[str, str | None]], dict[str, Any]],
+               record: Callable[[list[dict[str, Any]], list[int]], None], batch_size: int = DEFAULT_BATCH_SIZE,
+               after_batch: Callable[[int, int, int], None] | None = None) -> SendOutcome:
+    """Import ``rows`` as tasks, batch by batch: publish each row's media, build its task with
+    ``payload_of(row, project, served)``, import, then ``record(sent_rows, task_ids)`` (the
+    ledger write) and ``after_batch(index, n_done, n_sent_in_batch)``.
+
+    Stops at the first outage: the batch in flight may or may not have landed (a timeout
+    after sending), which the caller's next server check (``tasks_on_server``) settles.
+    """
+    outcome = SendOutcome()
     for index, batch in enumerate(batched(rows, batch_size)):
         payload, sent = [], []
         for row in batch:
             try:
                 served = publish_record_media(row, project)
             except MediaError as exc:
-                n_refused += 1
+                outcome.n_refused += 1
                 log.warning("record %s not sent to Label Studio: its media cannot be served safely (%s)",
                             row["record_id"], exc.reason)
                 continue
-            payload.append(task_payload(row, project, served))
-            sent.append(row["record_id"])
+            payload.append(payload_of(row, project, served))
+            sent.append(row)
         try:
-            task_ids = client.import_tasks(project_id, payload) if payload else []
+            task_ids = client.import_tasks(project.project_id, payload) if payload else []
         except LabelStudioUnavailable as exc:
-            # This batch may or may not have landed (a timeout after sending): the next run's
-            # server check adopts whatever did, and sends the rest.
-            remaining = to_send.slice(n_done)
-            write_pending(state, remaining)
-            log.warning("Label Studio unavailable after %d tasks; %d records stay pending: %s",
-                        n_pushed, remaining.num_rows, exc)
-            return PushResult(project_id, n_selected, n_pushed, n_skipped, len(adopted), remaining.num_rows,
-                              error=str(exc), n_refused=n_refused)
+            outcome.error = str(exc)
+            log.warning("Label Studio unavailable after %d tasks; %d records not sent: %s",
+                        outcome.n_sent, len(rows) - outcome.n_done, exc)
+            return outcome
         if sent:
-            ledger = pa.concat_tables([ledger, _ledger_rows(project_id, zip(sent, task_ids), "import")])
-            _write_ledger(state, ledger)
-        n_pushed += len(sent)
-        n_done += len(batch)
-        write_pending(state, to_send.slice(n_done))
-        if on_batch is not None:
-            on_batch(index, len(sent))
-
-    write_pending(state, SELECTION_SCHEMA.empty_table())
-    _use_for_prelabeling(client, project_id, to_send)
-    return PushResult(project_id, n_selected, n_pushed, n_skipped, len(adopted), 0, n_refused=n_refused)
+            record(sent, task_ids)
+        outcome.n_sent += len(sent)
+        outcome.n_done += len(batch)
+        if after_batch is not None:
+            after_batch(index, outcome.n_done, len(sent))
+    return outcome
 
 
-def _use_for_prelabeling(client: LabelStudioClient, project_id: int, pushed: pa.Table) -> None:
+def use_for_prelabeling(client: LabelStudioClient, project_id: int, model_versions: Iterable[str | None]) -> None:
     """Make the newest pushed model version the project's pre-labeling source.
 
     Label Studio copies the prediction of the project's ``model_version`` into a new
     annotation, so the annotator starts from the model's guess (and sees its score).
     """
-    versions = [v for v in pushed.column("model_version").to_pylist() if v]
+    versions = [v for v in model_versions if v]
     if not versions:
         return
     try:
