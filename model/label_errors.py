@@ -12,9 +12,11 @@ Two parts:
   labels; records without one are spread stratified by label. The model is
   :class:`FastModalityModel`: per modality, the product's extracted feature vector
   (``model.inputs`` named inputs ``<modality>_features``) standardised, reduced by PCA and
-  fed to a class-balanced logistic regression; fused late by summing the log-probabilities of
-  the modalities a record carries (a product of experts: the modalities are assumed
-  independent given the label, and balanced weights make every expert's prior uniform).
+  fed to a class-balanced logistic regression; fused late by a weighted sum of the
+  log-probabilities of the modalities a record carries (a product of experts: the modalities
+  are assumed independent given the label, and balanced class weights make every expert's
+  prior uniform), one weight per modality fitted on the out-of-fold likelihood
+  (:func:`fusion_weights`).
 - :func:`find_label_errors`: confident learning (Northcutt, Jiang & Chuang, "Confident
   Learning: Estimating Uncertainty in Dataset Labels", JAIR 2021). Per-class thresholds
   ``t_j`` = mean out-of-fold ``p_j`` over the records labelled ``j``; the confident joint
@@ -31,8 +33,10 @@ Two parts:
   - ``prune_by_class``: for each class ``i``, the ``n * sum_{j != i} Q[i, j]`` records
     labelled ``i`` with the lowest self-confidence.
 
-  Flags are ranked by self-confidence (the out-of-fold probability of the given label),
-  lowest first, and capped at ``max_fraction`` of the records. The default method and cap
+  Whatever the rule, a record is flagged only when the model prefers another label (an
+  uninformed model flags nothing), and never in a class with fewer than ``min_per_class``
+  labels. Flags are ranked by self-confidence (the out-of-fold probability of the given
+  label), lowest first, and capped at ``max_fraction`` of the records. The default method and cap
   (:data:`DEFAULT_METHOD`, :data:`DEFAULT_MAX_FRACTION`) were chosen by
   ``bench/label_quality.py --choose`` on a speaker-grouped validation split of realmix's
   training side with synthetic flips; the split the benchmark reports never chose them.
@@ -49,11 +53,11 @@ from model.inputs import FEATURE_INPUTS, MODALITIES, presence
 from model.splits import _has_group, grouped_folds
 
 METHODS = ("confident_joint", "argmax", "both", "prune_by_noise_rate", "prune_by_class")
-DEFAULT_METHOD = "prune_by_noise_rate"
-DEFAULT_MAX_FRACTION = 0.3
+DEFAULT_METHOD = "argmax"
+DEFAULT_MAX_FRACTION = 0.1
 DEFAULT_FOLDS = 5
-DEFAULT_C = 0.003
-DEFAULT_PCA_DIM = 64
+DEFAULT_C = 0.001
+DEFAULT_PCA_DIM = 128
 # Below this many labels of a class the out-of-fold model cannot judge that class: nothing is flagged.
 MIN_LABELS_PER_CLASS = 5
 _EPS = 1e-6
