@@ -196,3 +196,28 @@ def test_retrain_holds_flagged_records_out_of_training_and_the_holdout(tmp_path,
     keep = np.array([not h and rid not in flagged for rid, h in zip(table.column("record_id").to_pylist(), holdout)])
     card = ModelRegistry(layout.models).card(result.version)
     assert card["training_data_hash"] == training_data_hash(table.filter(pa.array(keep)))
+
+
+@pytest.mark.service
+def test_retrain_flow_flags_first_and_holds_the_flags_out(tmp_path, prefect_api_url, monkeypatch):
+    """The retrain flow on a real Prefect API: its first stage writes the flags (and their
+    artifact), the training stage holds them out and says how many."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    import model.training as training
+    from flows.retrain import retrain_flow
+
+    monkeypatch.setattr(training, "DEFAULT_CONFIG", training.TrainConfig(epochs=3, n_members=2, pca_dim=8))
+    layout, ids, _, _ = _layout_with_labels(tmp_path)
+    out = retrain_flow(data_root=str(layout.root), min_new_labels=1)
+    flagged = _flags(layout)
+    assert out["skipped"] is False and out["version"] and out["n_flagged"] == len(flagged) > 0
+    assert out["n_train"] + out["n_holdout"] + out["n_flagged"] == len(ids)
+
+    async def artifact_keys() -> set[str]:
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    assert {"label-flags", "retrain-comparison"} <= asyncio.run(artifact_keys())
