@@ -2,6 +2,10 @@
 evaluate it and production on the frozen holdout, register, promote or not; and the gate
 that skips a retrain when too few labels arrived since the last one.
 
+Records with an open suspected-label-error flag (``labels/flags.parquet``, written by
+``tasks.label_errors`` right before each retrain) are held out of training and out of the
+holdout evaluation alike, until a review closes the flag; the report says how many.
+
 The holdout is frozen by a hash of each record's *group* (its speaker, where the source
 names one; the record id otherwise): a record that falls in it never feeds training, in
 this run or any later one, and no speaker sits on both sides of the promotion gate, so
@@ -26,6 +30,7 @@ from prefect import task
 
 from core.io import atomic_write_json, read_json
 from core.layout import DataLayout
+from core.schemas import LABEL_FLAGS_SCHEMA
 from tasks.artifacts import publish_markdown
 from tasks.labels import load_labels
 from tasks.retry import IO_RETRY
@@ -125,6 +130,47 @@ def labeled_features(layout: DataLayout) -> pa.Table:
     return table.sort_by("record_id")
 
 
+def open_flags(layout: DataLayout) -> pa.Table:
+    """The open suspected-label-error flags: rows of ``labels/flags.parquet`` not closed by a
+    review of the same record newer than the flag's ``flagged_at`` (``labels/reviews.parquet``;
+    a review without a time closes it too: it was reviewed).
+
+    Until ``tasks.labels.open_flags`` lands (issue #16's review side), this is the one reader
+    of that rule; the flagging step (``tasks.label_errors``) only ever writes open flags, so
+    the two agree.
+    """
+    if not layout.label_flags.exists():
+        return LABEL_FLAGS_SCHEMA.empty_table()
+    flags = pq.read_table(layout.label_flags).cast(LABEL_FLAGS_SCHEMA)
+    if not layout.label_reviews.exists() or flags.num_rows == 0:
+        return flags
+    reviews = pq.read_table(layout.label_reviews, columns=["record_id", "annotated_at"])
+    reviewed_at: dict[str, datetime | None] = {}  # latest review per record; None: one without a time
+    for rid, at in zip(reviews.column("record_id").to_pylist(), reviews.column("annotated_at").to_pylist()):
+        if rid in reviewed_at and reviewed_at[rid] is None:
+            continue
+        if at is None or rid not in reviewed_at or at > reviewed_at[rid]:
+            reviewed_at[rid] = at
+
+    def closed(rid: str, flagged_at: datetime) -> bool:
+        return rid in reviewed_at and (reviewed_at[rid] is None or reviewed_at[rid] > flagged_at)
+
+    still_open = [not closed(rid, at) for rid, at in
+                  zip(flags.column("record_id").to_pylist(), flags.column("flagged_at").to_pylist())]
+    return flags.filter(pa.array(still_open, pa.bool_()))
+
+
+def flagged_mask(layout: DataLayout, table: pa.Table) -> np.ndarray:
+    """True for the rows of a labeled table (``record_id``, ``label``) whose current label has an
+    open flag: a flag raised on a label the record no longer carries does not apply."""
+    flags = open_flags(layout)
+    suspect = set(zip(flags.column("record_id").to_pylist(), flags.column("label").cast(pa.string()).to_pylist()))
+    if not suspect or table.num_rows == 0:
+        return np.zeros(table.num_rows, dtype=bool)
+    return np.array([(rid, label) in suspect for rid, label in
+                     zip(table.column("record_id").to_pylist(), table.column("label").to_pylist())], dtype=bool)
+
+
 def training_data_hash(table: pa.Table) -> str:
     """Identifies the exact training data: record ids, their content hashes and labels."""
     digest = hashlib.sha256()
@@ -146,6 +192,7 @@ class RetrainResult:
     production_metrics: dict = field(default_factory=dict)
     confusion_png: Path | None = None
     learning_curve_png: Path | None = None
+    n_flagged: int = 0  # labeled records held out of training and evaluation: open suspected-error flags
 
     def markdown(self) -> str:
         """Candidate vs production on the same holdout, as a markdown table."""
@@ -158,6 +205,7 @@ class RetrainResult:
         verdict = "promoted" if self.promoted else "not promoted"
         head = (f"## Retrain: {self.version} {verdict}\n\n{self.reason}\n\n"
                 f"Trained on {self.n_train} labels, evaluated on {self.n_holdout} frozen-holdout labels; "
+                f"{self.n_flagged} suspected label errors held out of both (open flags); "
                 f"production was `{self.production_version}`.\n\n")
         return head + "\n".join(rows) + "\n"
 
@@ -166,7 +214,9 @@ def retrain(layout: DataLayout, labels: Sequence[str], fusion: str | None = None
             margin: float = 0.0, holdout_fraction: float = 0.2, min_train: int = 20, seed: int = 13,
             promote: bool = True) -> RetrainResult:
     """Fit a candidate on the non-holdout labels, evaluate against production on the holdout,
-    register it, and promote it when macro-F1 is not worse than production's minus ``margin``."""
+    register it, and promote it when macro-F1 is not worse than production's minus ``margin``.
+    Records with an open suspected-label-error flag are on neither side (the holdout itself is
+    drawn over every labeled record, so a flag never moves a record across it)."""
     from model.inputs import arrays_from_features
     from model.training import DEFAULT_CONFIG, train_model
     from model.metrics import evaluate, plot_confusion_matrix, plot_learning_curve
@@ -177,12 +227,15 @@ def retrain(layout: DataLayout, labels: Sequence[str], fusion: str | None = None
         return RetrainResult(None, False, "no labeled records with cached features", 0, 0)
     ids = table.column("record_id").to_pylist()
     holdout = frozen_holdout(layout, ids, read_groups(layout.group_index, ids), holdout_fraction)
-    train_table = table.filter(pa.array(~holdout))
-    hold_table = table.filter(pa.array(holdout))
+    flagged = flagged_mask(layout, table)
+    train_table = table.filter(pa.array(~holdout & ~flagged))
+    hold_table = table.filter(pa.array(holdout & ~flagged))
+    n_flagged = int(flagged.sum())
     if train_table.num_rows < min_train or hold_table.num_rows == 0:
         return RetrainResult(None, False, f"too few labels: {train_table.num_rows} to train, "
-                             f"{hold_table.num_rows} in the holdout (need {min_train} and 1)",
-                             train_table.num_rows, hold_table.num_rows)
+                             f"{hold_table.num_rows} in the holdout (need {min_train} and 1; "
+                             f"{n_flagged} held out as suspected label errors)",
+                             train_table.num_rows, hold_table.num_rows, n_flagged=n_flagged)
     y_train = np.asarray(train_table.column("label").to_pylist(), dtype=object)
     y_hold = np.asarray(hold_table.column("label").to_pylist(), dtype=object)
     config = DEFAULT_CONFIG.with_overrides(fusion=fusion, epochs=epochs)  # None: the product default
@@ -206,7 +259,7 @@ def retrain(layout: DataLayout, labels: Sequence[str], fusion: str | None = None
     if ok and promote:
         registry.promote(version)
     return RetrainResult(version, bool(ok and promote), reason, train_table.num_rows, hold_table.num_rows, metrics,
-                         production, production_metrics, confusion_png, curve_png)
+                         production, production_metrics, confusion_png, curve_png, n_flagged)
 
 
 @dataclass(frozen=True)
