@@ -40,7 +40,8 @@ from model.label_errors import (DEFAULT_FOLDS, DEFAULT_MAX_FRACTION, DEFAULT_MET
 from tasks.artifacts import publish_markdown
 from tasks.labels import load_labels
 from tasks.retry import IO_RETRY
-from tasks.training import labeled_features, open_flags, read_groups
+from tasks.labels import unreviewed_flags
+from tasks.training import labeled_features, read_groups
 
 TOP_SUSPECTS = 20  # rows of the artifact's table
 # The flags contract with plain strings for its dictionary columns: rows are built as Python dicts.
@@ -98,7 +99,7 @@ def flag_label_errors(layout: DataLayout, labels: Sequence[str], n_folds: int = 
     source_of = dict(zip(resolved.column("record_id").to_pylist(), resolved.column("source").cast(pa.string()).to_pylist()))
     reviewed = _reviewed_ids(layout)
 
-    before = open_flags(layout)
+    before = unreviewed_flags(layout)
     earlier = {(r["record_id"], r["label"]): r for r in before.cast(_PLAIN_FLAGS).to_pylist()}
     on_file = pq.read_metadata(layout.label_flags).num_rows if layout.label_flags.exists() else 0
     # Still open: not reviewed, and the record still has the label under suspicion.

@@ -30,9 +30,8 @@ from prefect import task
 
 from core.io import atomic_write_json, read_json
 from core.layout import DataLayout
-from core.schemas import LABEL_FLAGS_SCHEMA
 from tasks.artifacts import publish_markdown
-from tasks.labels import load_labels
+from tasks.labels import load_labels, unreviewed_flags
 from tasks.retry import IO_RETRY
 
 HOLDOUT_SALT = "affectloop-holdout-v1"
@@ -130,40 +129,10 @@ def labeled_features(layout: DataLayout) -> pa.Table:
     return table.sort_by("record_id")
 
 
-def open_flags(layout: DataLayout) -> pa.Table:
-    """The open suspected-label-error flags: rows of ``labels/flags.parquet`` not closed by a
-    review of the same record newer than the flag's ``flagged_at`` (``labels/reviews.parquet``;
-    a review without a time closes it too: it was reviewed).
-
-    Until ``tasks.labels.open_flags`` lands (issue #16's review side), this is the one reader
-    of that rule; the flagging step (``tasks.label_errors``) only ever writes open flags, so
-    the two agree.
-    """
-    if not layout.label_flags.exists():
-        return LABEL_FLAGS_SCHEMA.empty_table()
-    flags = pq.read_table(layout.label_flags).cast(LABEL_FLAGS_SCHEMA)
-    if not layout.label_reviews.exists() or flags.num_rows == 0:
-        return flags
-    reviews = pq.read_table(layout.label_reviews, columns=["record_id", "annotated_at"])
-    reviewed_at: dict[str, datetime | None] = {}  # latest review per record; None: one without a time
-    for rid, at in zip(reviews.column("record_id").to_pylist(), reviews.column("annotated_at").to_pylist()):
-        if rid in reviewed_at and reviewed_at[rid] is None:
-            continue
-        if at is None or rid not in reviewed_at or at > reviewed_at[rid]:
-            reviewed_at[rid] = at
-
-    def closed(rid: str, flagged_at: datetime) -> bool:
-        return rid in reviewed_at and (reviewed_at[rid] is None or reviewed_at[rid] > flagged_at)
-
-    still_open = [not closed(rid, at) for rid, at in
-                  zip(flags.column("record_id").to_pylist(), flags.column("flagged_at").to_pylist())]
-    return flags.filter(pa.array(still_open, pa.bool_()))
-
-
 def flagged_mask(layout: DataLayout, table: pa.Table) -> np.ndarray:
     """True for the rows of a labeled table (``record_id``, ``label``) whose current label has an
     open flag: a flag raised on a label the record no longer carries does not apply."""
-    flags = open_flags(layout)
+    flags = unreviewed_flags(layout)
     suspect = set(zip(flags.column("record_id").to_pylist(), flags.column("label").cast(pa.string()).to_pylist()))
     if not suspect or table.num_rows == 0:
         return np.zeros(table.num_rows, dtype=bool)

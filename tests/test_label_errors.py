@@ -16,7 +16,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
 from core.layout import DataLayout  # noqa: E402
-from core.schemas import LABEL_FLAGS_SCHEMA, LABELS_SCHEMA  # noqa: E402
+from core.schemas import LABEL_FLAGS_SCHEMA  # noqa: E402
 from model import label_errors as le  # noqa: E402
 from model.inputs import arrays_from_features  # noqa: E402
 from tests.test_model_unit import LABELS, synthetic_table  # noqa: E402
@@ -121,9 +121,10 @@ def _layout_with_labels(tmp_path, n: int = 140, noisy: int = 14, seed: int = 3):
 
 
 def write_labels(path, ids, labels, source, at=None):
-    table = pa.table({"record_id": ids, "label": labels, "source": [source] * len(ids),
-                      "annotators": [1] * len(ids), "agreement": [None] * len(ids),
-                      "ls_task_id": [None] * len(ids), "annotated_at": [at] * len(ids)}).cast(LABELS_SCHEMA)
+    from tasks.labels import labels_table
+
+    table = labels_table([{"record_id": rid, "label": label, "source": source, "annotators": 1, "annotated_at": at}
+                          for rid, label in zip(ids, labels)])
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
 
@@ -136,7 +137,7 @@ def _flags(layout) -> dict[str, dict]:
 
 def test_flagging_finds_flips_keeps_the_first_flagged_at_and_never_reflags_a_review(tmp_path):
     from tasks.label_errors import flag_label_errors
-    from tasks.training import open_flags
+    from tasks.labels import unreviewed_flags
 
     layout, ids, labels, wrong = _layout_with_labels(tmp_path)
     first = flag_label_errors(layout, LABELS, max_fraction=0.3, now=T0)  # a loose cap: tiny, weak data
@@ -157,14 +158,14 @@ def test_flagging_finds_flips_keeps_the_first_flagged_at_and_never_reflags_a_rev
     reviewed = sorted(flags)[:3]
     write_labels(layout.label_reviews, reviewed, [flags[r]["suggested_label"] for r in reviewed], "review",
                  at=T0 + timedelta(hours=2))
-    assert not set(reviewed) & set(open_flags(layout).column("record_id").to_pylist())
+    assert not set(reviewed) & set(unreviewed_flags(layout).column("record_id").to_pylist())
     third = flag_label_errors(layout, LABELS, max_fraction=0.3, now=T0 + timedelta(days=2))
     assert third.n_closed == 3 and not set(reviewed) & set(_flags(layout))
     # An older review does not close a flag raised after it (the reader's rule).
     write_labels(layout.label_reviews, reviewed, ["joy"] * 3, "review", at=T0 - timedelta(days=1))
     pq.write_table(pa.table({**{k: [v] for k, v in flags[reviewed[0]].items()}}).cast(LABEL_FLAGS_SCHEMA),
                    layout.label_flags)
-    assert open_flags(layout).column("record_id").to_pylist() == [reviewed[0]]
+    assert unreviewed_flags(layout).column("record_id").to_pylist() == [reviewed[0]]
 
 
 def test_flagging_needs_enough_labels_per_class(tmp_path):
