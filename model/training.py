@@ -42,6 +42,9 @@ class TrainConfig:
     l2: float = 1e-3
     weight_decay: float = 0.05
     modality_dropout: float = 0.3
+    # Calibration of the served ensemble (FeatureFusionClassifier's ensemble_rescale / late_fit).
+    ensemble_rescale: bool = True
+    late_fit: str = "temperatures"
     # the seed architecture's own settings (its README defaults)
     seed_fusion: str = "concat"
     seed_epochs: int = 100
@@ -65,7 +68,8 @@ def build_estimator(config: TrainConfig = DEFAULT_CONFIG, labels: Sequence[str] 
         return FeatureFusionClassifier(
             labels=tuple(labels), fusion=config.fusion, n_members=config.n_members, epochs=config.epochs,
             pca_dim=config.pca_dim, input_dropout=config.input_dropout, dropout=config.dropout, l2=config.l2,
-            weight_decay=config.weight_decay, modality_dropout=config.modality_dropout, seed=seed)
+            weight_decay=config.weight_decay, modality_dropout=config.modality_dropout,
+            ensemble_rescale=config.ensemble_rescale, late_fit=config.late_fit, seed=seed)
     if config.architecture == "seed":
         from model.estimator import FusionClassifier
 
