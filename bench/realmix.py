@@ -27,7 +27,8 @@ side is split again (one of its actors, rotating so each actor is validation onc
 stratified third of the records without audio), the product is trained on the rest and
 scored on that validation part, once for every calibration setting (``recalibrate``: the
 same trained members, only the calibration refitted). ``--set key=value`` overrides a
-``TrainConfig`` setting, in validation mode only (the test mode always reports the default).
+``TrainConfig`` setting and ``--train-seed`` reseeds the networks (a paired replicate on the
+same splits), in validation mode only (the test mode always reports the default).
 
 Usage: python bench/realmix.py [--data PATH] [--out DIR] [--quick] [--systems baseline,seed,product]
                                [--eval test|val] [--set key=value ...]
@@ -226,7 +227,7 @@ def train_system(system: str, X: dict, y: np.ndarray, speakers: np.ndarray, trai
 
 
 def train_network(system: str, X: dict, y: np.ndarray, speakers: np.ndarray, train: np.ndarray, quick: bool,
-                  overrides: dict | None = None):
+                  overrides: dict | None = None, seed: int = SEED):
     """The fitted product (``DEFAULT_CONFIG``, plus ``overrides`` in validation mode) or seed network."""
     from model.training import DEFAULT_CONFIG, train_model
 
@@ -236,7 +237,7 @@ def train_network(system: str, X: dict, y: np.ndarray, speakers: np.ndarray, tra
     if quick:
         config = config.with_overrides(epochs=3, seed_epochs=3, n_members=2)
     # Speakers keep whole actors on one side of every internal validation split.
-    return train_model(subset(X, train), y[train], groups=speakers[train], config=config, labels=LABELS, seed=SEED)
+    return train_model(subset(X, train), y[train], groups=speakers[train], config=config, labels=LABELS, seed=seed)
 
 
 def validation_split(y: np.ndarray, speakers: np.ndarray, train: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +279,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, _, value = pair.partition("=")
         if key not in types:
             raise SystemExit(f"--set: no TrainConfig setting {key!r}")
-        kind = types[key] if isinstance(types[key], str) else types[key].__name__
+        kind = (types[key] if isinstance(types[key], str) else types[key].__name__).split("|")[0].strip()
+        if value.lower() == "none":
+            out[key] = None
+            continue
         out[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(kind, str)(value)
     return out
 
@@ -294,7 +298,7 @@ def run_validation(args, X: dict, y: np.ndarray, speakers: np.ndarray, folds: li
         _check_speaker_independent(speakers, [fit, val, _test])
         actor = sorted(set(speakers[val]) - {None})
         t_fold = time.time()
-        model = train_network("product", X, y, speakers, fit, args.quick, overrides)
+        model = train_network("product", X, y, speakers, fit, args.quick, overrides, seed=args.train_seed)
         print(f"fold {k}: validation actor {actor}, {len(val)} validation records "
               f"({int(presence(subset(X, val)).all(axis=1).sum())} trimodal), {len(fit)} fitting; "
               f"trained in {time.time() - t_fold:.0f}s", flush=True)
@@ -304,14 +308,18 @@ def run_validation(args, X: dict, y: np.ndarray, speakers: np.ndarray, folds: li
             views = evaluate_by_modality(model.predict_proba, subset(X, val), y[val], LABELS)
             per_setting[name].append(views)
             pooled[name].append((y[val], model.predict_proba(subset(X, val))))
+            proba = pooled[name][-1][1]
+            overconfidence = proba.max(axis=1).mean() - views["fused"]["accuracy"]
             print(f"  {name:<40} fused {views['fused']['macro_f1']:.3f} trimodal {views['trimodal']['macro_f1']:.3f} "
-                  f"ece {views['fused']['ece']:.3f}", flush=True)
+                  f"ece {views['fused']['ece']:.3f} (confidence - accuracy {overconfidence:+.3f}; by modality "
+                  + " ".join(f"{m} {views[m]['ece']:.3f}" for m in ("image", "text", "audio", "trimodal"))
+                  + ")", flush=True)
     results = {name: {**summarise(v), **pooled_ece(pooled[name])} for name, v in per_setting.items()}
     print()
     print_loao_table(results, names={n: n for n in results})
     default = setting_name(True, "temperatures")
     summary = {
-        "eval": "val", "overrides": overrides, "folds": len(folds),
+        "eval": "val", "overrides": overrides, "train_seed": args.train_seed, "folds": len(folds),
         "settings": {name: {**{k: round(v[0], 4) for k, v in r.items() if isinstance(v, tuple)},
                             **{k: round(v, 4) for k, v in r.items() if not isinstance(v, tuple)}}
                      for name, r in results.items()},
@@ -372,9 +380,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="val: choose settings on validation parts of the training sides; test: report")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="TrainConfig override (validation mode only)")
+    parser.add_argument("--train-seed", type=int, default=SEED,
+                        help="the networks' seed (validation mode only: a replicate on the same splits)")
     args = parser.parse_args(argv)
-    if args.set and args.eval != "val":
-        parser.error("--set is for --eval val only: the test mode reports the product's default")
+    if (args.set or args.train_seed != SEED) and args.eval != "val":
+        parser.error("--set / --train-seed are for --eval val only: the test mode reports the product's default")
 
     if not (args.data / "manifest.jsonl").is_file():
         parser.error(f"no realmix data at {args.data} (expected manifest.jsonl); pass --data")
@@ -397,6 +407,10 @@ def main(argv: list[str] | None = None) -> dict:
     per_fold: dict[str, list[dict]] = {s: [] for s in systems}
     pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in systems}
     train_seconds: dict[str, float] = {s: 0.0 for s in systems}
+    # The product's members recalibrated with every other calibration setting (no retraining): a
+    # paired before/after on the test folds, printed for information; the default was chosen on --eval val.
+    alternatives: dict[str, list[dict]] = {}
+    alternative_pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for k, (train, test) in enumerate(folds):
         _check_speaker_independent(speakers, [train, test])
         actor = sorted(set(speakers[test]) - {None})
@@ -404,17 +418,35 @@ def main(argv: list[str] | None = None) -> dict:
               f"({int(presence(subset(X, test)).all(axis=1).sum())} trimodal), {len(train)} training", flush=True)
         for system in systems:
             t_fit = time.time()
-            predict = train_system(system, X, y, speakers, train, args.quick)
+            fitted = (train_network(system, X, y, speakers, train, args.quick) if system == "product" else None)
+            predict = fitted.predict_proba if fitted is not None else train_system(system, X, y, speakers, train,
+                                                                                  args.quick)
             train_seconds[system] += time.time() - t_fit
             views = evaluate_by_modality(predict, subset(X, test), y[test], LABELS)
             per_fold[system].append(views)
             pooled[system].append((y[test], predict(subset(X, test))))
+            if fitted is not None and getattr(fitted, "calibration_set_", None) is not None:
+                chosen = (fitted.ensemble_rescale, fitted.late_fit)
+                for setting in calibration_settings():
+                    if setting != chosen:
+                        name = setting_name(*setting)
+                        fitted.recalibrate(*setting)
+                        alternatives.setdefault(name, []).append(
+                            evaluate_by_modality(fitted.predict_proba, subset(X, test), y[test], LABELS))
+                        alternative_pooled.setdefault(name, []).append((y[test], fitted.predict_proba(subset(X, test))))
+                fitted.recalibrate(*chosen)
             print(f"  {system:<9} fused {views['fused']['macro_f1']:.3f} trimodal {views['trimodal']['macro_f1']:.3f} "
                   f"ece {views['fused']['ece']:.3f} ({time.time() - t0:.0f}s)", flush=True)
 
     results = {s: {**summarise(v), **pooled_ece(pooled[s])} for s, v in per_fold.items()}
     print()
     print_loao_table(results)
+    alt_results: dict[str, dict] = {}
+    if alternatives:
+        print("\nproduct members recalibrated with the other settings (information only; the default was chosen "
+              "on --eval val):")
+        alt_results = {n: {**summarise(v), **pooled_ece(alternative_pooled[n])} for n, v in alternatives.items()}
+        print_loao_table(alt_results, names={n: n for n in alt_results})
     if "product" in results and "baseline" in results:
         prod, base = results["product"], results["baseline"]
         targets = {
@@ -443,6 +475,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ece_by_system": {s: {k: round(r[k][0] if isinstance(r[k], tuple) else r[k], 4)
                               for k in ("ece", "ece_pooled", "ece_if_calibrated")} for s, r in results.items()},
         "train_seconds": {s: round(v, 1) for s, v in train_seconds.items()},
+        "product_other_calibrations": {n: {"fused": round(r["fused"][0], 4), "trimodal": round(r["trimodal"][0], 4),
+                                            "ece": round(r["ece"][0], 4), "ece_pooled": round(r["ece_pooled"], 4)}
+                                        for n, r in alt_results.items()},
         "spread": {s: {k: round(v[1], 4) for k, v in r.items() if isinstance(v, tuple)} for s, r in results.items()},
         "folds": len(folds),
     }

@@ -18,9 +18,14 @@ Training is one joint fit: the fused output's loss plus ``aux_weight`` times eac
 modality head's loss on the records that carry it (sample weights zero elsewhere), class
 weights, modality dropout on the fused path (so one-modality records are predicted well),
 AdamW, early stopping on a validation split (speaker-grouped when ``groups`` is given).
-Then, on that validation split, each modality head gets its own temperature (on the
-records having that modality) and the fused output gets one. Everything lives in the
-``.keras`` file (normalisation, temperatures, label set); loaded in safe mode.
+With ``n_members`` > 1 the members are cross-fitted (member k early-stopped on fold k) and
+served averaged. Then, on the held-out logits (out-of-fold when cross-fitted; kept in
+``calibration_set_`` so ``recalibrate`` can refit with other settings), each modality head
+gets its own temperature (on the records having that modality) and the fused output is
+calibrated per ``late_fit``: the heads' temperatures and one fused temperature, or
+per-modality weights (and a per-class bias) fitted on the fused output of every record.
+Everything lives in the ``.keras`` file (normalisation, temperatures, weights, bias, label
+set); loaded in safe mode.
 
 One forward pass gives the fused probabilities, the per-modality probabilities
 (``predict_proba_by_modality``) and the fused embedding.
@@ -186,6 +191,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
     input_dropout, dropout: dropout on the standardised features and on the projections.
     modality_dropout: chance of hiding each present modality of a training record (never all).
     aux_weight: weight of each modality head's loss beside the fused loss.
+    pca_dim: components of each modality's whitening PCA: one int for all, or one per modality (0: none).
     val_fraction: share held out for early stopping and calibration (whole speakers with ``groups``).
     ensemble_rescale: before calibrating an ensemble, rescale the members' held-out logits
         to the averaged logits' spread (label-free); False: calibrate on them as they are.
@@ -200,7 +206,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, labels: Sequence[str] = DEFAULT_LABELS, fusion: str = "late", embed_dim: int = 128,
                  input_dropout: float = 0.2, dropout: float = 0.5, modality_dropout: float = 0.3,
-                 aux_weight: float = 1.0, l2: float = 1e-4, pca_dim: int = 200, hidden: int = 0, n_members: int = 1, learning_rate: float = 1e-3, weight_decay: float = 1e-3,
+                 aux_weight: float = 1.0, l2: float = 1e-4, pca_dim: int | dict[str, int] = 200, hidden: int = 0, n_members: int = 1, learning_rate: float = 1e-3, weight_decay: float = 1e-3,
                  epochs: int = 200, batch_size: int = 64, patience: int = 15, val_fraction: float = 0.25,
                  class_weight: str | None = "balanced", calibrate: bool = True, ensemble_rescale: bool = True,
                  late_fit: str = "temperatures", seed: int = 13, verbose: int = 0):
@@ -282,7 +288,8 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
             widths[m] = int(values.shape[1])
             rows = values[_present(X_tr, m)]
             means[m], variances[m] = _stats(rows)
-            pca[m] = whitening_pca(rows, means[m], variances[m], self.pca_dim) if self.pca_dim else None
+            dim = self.pca_dim.get(m, 0) if isinstance(self.pca_dim, dict) else self.pca_dim
+            pca[m] = whitening_pca(rows, means[m], variances[m], dim) if dim else None
         cfg = FeatureNetworkConfig(labels=labels, widths=widths, means=means, variances=variances, pca=pca,
                                    hidden=self.hidden, fusion=self.fusion,
                                    embed_dim=self.embed_dim, input_dropout=self.input_dropout, dropout=self.dropout,

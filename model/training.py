@@ -37,6 +37,7 @@ class TrainConfig:
     n_members: int = 3
     epochs: int = 200
     pca_dim: int = 100
+    audio_pca_dim: int | None = None  # None: pca_dim (audio has the fewest records: ~150 clips a fold)
     input_dropout: float = 0.1
     dropout: float = 0.3
     l2: float = 1e-3
@@ -67,7 +68,9 @@ def build_estimator(config: TrainConfig = DEFAULT_CONFIG, labels: Sequence[str] 
 
         return FeatureFusionClassifier(
             labels=tuple(labels), fusion=config.fusion, n_members=config.n_members, epochs=config.epochs,
-            pca_dim=config.pca_dim, input_dropout=config.input_dropout, dropout=config.dropout, l2=config.l2,
+            pca_dim={"image": config.pca_dim, "text": config.pca_dim,
+                     "audio": config.pca_dim if config.audio_pca_dim is None else config.audio_pca_dim},
+            input_dropout=config.input_dropout, dropout=config.dropout, l2=config.l2,
             weight_decay=config.weight_decay, modality_dropout=config.modality_dropout,
             ensemble_rescale=config.ensemble_rescale, late_fit=config.late_fit, seed=seed)
     if config.architecture == "seed":
