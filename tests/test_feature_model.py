@@ -63,10 +63,17 @@ def test_per_modality_probabilities_come_from_the_same_pass(fitted, data):
     for j, m in enumerate(("image", "text", "audio")):
         assert np.isnan(by[m][~present[:, j]]).all()
         assert np.allclose(by[m][present[:, j]].sum(axis=1), 1, atol=1e-5)
-    # Late fusion of one modality is that modality's calibrated head, up to the fused temperature.
+    # Late fusion of one modality is that modality's averaged logits, weighted, plus the class bias,
+    # over the fused temperature; the modality's own head is the same logits over its temperature.
+    from model.calibration import softmax
+
     only_text = mask_modalities(X, ["text"])
     rows = present[:, 1]
-    assert (fitted.predict_proba(only_text)[rows].argmax(1) == by["text"][rows].argmax(1)).all()
+    z = fitted._logits(only_text, "text_mean_logits")[rows]
+    bias = np.asarray(fitted.model_.get_layer("fused_logits").bias)
+    expected = softmax((z * fitted.fusion_weights_["text"] + bias) / fitted.temperature_)
+    np.testing.assert_allclose(fitted.predict_proba(only_text)[rows], expected, atol=1e-5)
+    np.testing.assert_allclose(by["text"][rows], softmax(z / fitted.modality_temperatures_["text"]), atol=1e-5)
 
 
 def test_save_load_safe_mode_round_trip(fitted, data, tmp_path):
