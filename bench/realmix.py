@@ -15,7 +15,23 @@ Baseline (what a user would try first): logistic regressions on raw standardised
 (PCA), on TF-IDF of words + character n-grams of the raw text, and on log-mel band
 statistics; fused late by summing the log-probabilities of the modalities present.
 
+ECE is reported two ways, both on the fused output of all records: ``ece`` is the mean of
+the folds' ECEs (15 equal-width bins on each fold's ~337 test records; the headline, as
+before) and ``ece_pooled`` is one ECE over every fold's test predictions pooled (each record
+tested exactly once, 1,351 records). Beside each, ``ece_if_calibrated``: the ECE a
+perfectly calibrated model with the same confidences would show on the same records
+(``model.metrics.expected_ece_if_calibrated``), the sampling floor of that figure.
+
+``--eval val`` chooses settings without touching the test folds: in each fold the training
+side is split again (one of its actors, rotating so each actor is validation once, plus a
+stratified third of the records without audio), the product is trained on the rest and
+scored on that validation part, once for every calibration setting (``recalibrate``: the
+same trained members, only the calibration refitted). ``--set key=value`` overrides a
+``TrainConfig`` setting and ``--train-seed`` reseeds the networks (a paired replicate on the
+same splits), in validation mode only (the test mode always reports the default).
+
 Usage: python bench/realmix.py [--data PATH] [--out DIR] [--quick] [--systems baseline,seed,product]
+                               [--eval test|val] [--set key=value ...]
 The last line of stdout is one JSON object.
 """
 
@@ -45,7 +61,7 @@ from core.io import atomic_write_json, write_parquet  # noqa: E402
 from core.schemas import FeatureSpec  # noqa: E402
 from core.settings import DEFAULT_LABELS  # noqa: E402
 from model.inputs import MODALITIES, arrays_from_features, mask_modalities, presence, subset  # noqa: E402
-from model.metrics import evaluate, evaluate_by_modality  # noqa: E402
+from model.metrics import evaluate, evaluate_by_modality, expected_calibration_error, expected_ece_if_calibrated  # noqa: E402
 from model.splits import grouped_split, leave_one_group_out  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "realmix"
@@ -205,16 +221,113 @@ def fit_baseline(X: dict, y: np.ndarray, speakers: np.ndarray, train: np.ndarray
 
 def train_system(system: str, X: dict, y: np.ndarray, speakers: np.ndarray, train: np.ndarray, quick: bool):
     """One fitted system's ``predict_proba``; the product is exactly what ``affectloop retrain`` trains."""
-    from model.training import DEFAULT_CONFIG, train_model
-
     if system == "baseline":
         return fit_baseline(X, y, speakers, train).predict_proba
+    return train_network(system, X, y, speakers, train, quick).predict_proba
+
+
+def train_network(system: str, X: dict, y: np.ndarray, speakers: np.ndarray, train: np.ndarray, quick: bool,
+                  overrides: dict | None = None, seed: int = SEED):
+    """The fitted product (``DEFAULT_CONFIG``, plus ``overrides`` in validation mode) or seed network."""
+    from model.training import DEFAULT_CONFIG, train_model
+
     config = DEFAULT_CONFIG if system == "product" else DEFAULT_CONFIG.with_overrides(architecture="seed")
+    if overrides:
+        config = config.with_overrides(**overrides)
     if quick:
         config = config.with_overrides(epochs=3, seed_epochs=3, n_members=2)
     # Speakers keep whole actors on one side of every internal validation split.
-    return train_model(subset(X, train), y[train], groups=speakers[train], config=config, labels=LABELS,
-                       seed=SEED).predict_proba
+    return train_model(subset(X, train), y[train], groups=speakers[train], config=config, labels=LABELS, seed=seed)
+
+
+def validation_split(y: np.ndarray, speakers: np.ndarray, train: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) positions inside ``train``: the validation side holds one training actor
+    (the next one after the fold's test actor, so each actor is validation once over the folds)
+    and a stratified third of the training records without a speaker."""
+    from model.splits import _has_group
+
+    grouped = _has_group(speakers[train])
+    actors = sorted({str(s) for s in speakers[train][grouped]})
+    all_actors = sorted({str(s) for s in speakers[_has_group(speakers)]})
+    held_actor = next(a for a in all_actors[fold + 1:] + all_actors if a in actors)
+    names = np.array([str(s) for s in speakers[train]])
+    val = grouped & (names == held_actor)
+    rest = np.flatnonzero(~grouped)
+    _, held = grouped_split(y[train][rest], None, 1 / 3, SEED + fold)
+    val[rest[held]] = True
+    return train[~val], train[val]
+
+
+def calibration_settings() -> list[tuple[bool, str]]:
+    from model.feature_model import LATE_FITS
+
+    return [(rescale, fit) for rescale in (True, False) for fit in LATE_FITS]
+
+
+def setting_name(rescale: bool, fit: str) -> str:
+    return f"{'spread-rescaled' if rescale else 'out-of-fold as is'}, {fit}"
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    from dataclasses import fields
+
+    from model.training import TrainConfig
+
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types:
+            raise SystemExit(f"--set: no TrainConfig setting {key!r}")
+        kind = (types[key] if isinstance(types[key], str) else types[key].__name__).split("|")[0].strip()
+        if value.lower() == "none":
+            out[key] = None
+            continue
+        out[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(kind, str)(value)
+    return out
+
+
+def run_validation(args, X: dict, y: np.ndarray, speakers: np.ndarray, folds: list, t0: float) -> dict:
+    """Every calibration setting on the validation parts of the folds' training sides (test folds unused)."""
+    overrides = parse_overrides(args.set)
+    settings = calibration_settings()
+    per_setting: dict[str, list[dict]] = {setting_name(*s): [] for s in settings}
+    pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {setting_name(*s): [] for s in settings}
+    for k, (train, _test) in enumerate(folds):
+        fit, val = validation_split(y, speakers, train, k)
+        _check_speaker_independent(speakers, [fit, val, _test])
+        actor = sorted(set(speakers[val]) - {None})
+        t_fold = time.time()
+        model = train_network("product", X, y, speakers, fit, args.quick, overrides, seed=args.train_seed)
+        print(f"fold {k}: validation actor {actor}, {len(val)} validation records "
+              f"({int(presence(subset(X, val)).all(axis=1).sum())} trimodal), {len(fit)} fitting; "
+              f"trained in {time.time() - t_fold:.0f}s", flush=True)
+        for rescale, fit_kind in settings:
+            name = setting_name(rescale, fit_kind)
+            model.recalibrate(ensemble_rescale=rescale, late_fit=fit_kind)
+            views = evaluate_by_modality(model.predict_proba, subset(X, val), y[val], LABELS)
+            per_setting[name].append(views)
+            pooled[name].append((y[val], model.predict_proba(subset(X, val))))
+            proba = pooled[name][-1][1]
+            overconfidence = proba.max(axis=1).mean() - views["fused"]["accuracy"]
+            print(f"  {name:<40} fused {views['fused']['macro_f1']:.3f} trimodal {views['trimodal']['macro_f1']:.3f} "
+                  f"ece {views['fused']['ece']:.3f} (confidence - accuracy {overconfidence:+.3f}; by modality "
+                  + " ".join(f"{m} {views[m]['ece']:.3f}" for m in ("image", "text", "audio", "trimodal"))
+                  + ")", flush=True)
+    results = {name: {**summarise(v), **pooled_ece(pooled[name])} for name, v in per_setting.items()}
+    print()
+    print_loao_table(results, names={n: n for n in results})
+    default = setting_name(True, "temperatures")
+    summary = {
+        "eval": "val", "overrides": overrides, "train_seed": args.train_seed, "folds": len(folds),
+        "settings": {name: {**{k: round(v[0], 4) for k, v in r.items() if isinstance(v, tuple)},
+                            **{k: round(v, 4) for k, v in r.items() if not isinstance(v, tuple)}}
+                     for name, r in results.items()},
+        "default_setting": default,
+        "seconds": round(time.time() - t0, 1),
+    }
+    print(json.dumps(summary))
+    return summary
 
 
 def summarise(per_fold: list[dict[str, dict]]) -> dict[str, tuple[float, float]]:
@@ -227,13 +340,34 @@ def summarise(per_fold: list[dict[str, dict]]) -> dict[str, tuple[float, float]]
     return out
 
 
-def print_loao_table(results: dict[str, dict[str, tuple[float, float]]]) -> None:
+def pooled_ece(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """ECE over the folds' fused predictions pooled, the per-fold calibrated floor, and the pooled floor."""
+    index = {label: i for i, label in enumerate(LABELS)}
+    y_idx = np.concatenate([[index[str(v)] for v in y] for y, _ in parts]).astype(int)
+    proba = np.concatenate([p for _, p in parts])
+    return {
+        "ece_pooled": expected_calibration_error(y_idx, proba),
+        "ece_if_calibrated": float(np.mean([expected_ece_if_calibrated(p) for _, p in parts])),
+        "ece_pooled_if_calibrated": expected_ece_if_calibrated(proba),
+    }
+
+
+def print_loao_table(results: dict[str, dict], names: dict[str, str] | None = None) -> None:
+    names = names or SYSTEMS
     cols = list(HEADLINE) + ["ece"]
     print(f"{'system':<48}" + "".join(f"{c:>22}" for c in cols))
     for name, row in results.items():
-        print(f"{SYSTEMS[name]:<48}" + "".join(f"{row[c][0]:>14.3f} ± {row[c][1]:.3f}" for c in cols))
+        print(f"{names[name]:<48}" + "".join(f"{row[c][0]:>14.3f} ± {row[c][1]:.3f}" for c in cols))
     print("(macro-F1, mean ± std over the leave-one-actor-out folds; image/text/audio: records with that "
-          "modality, the others masked; ece on all records fused)")
+          "modality, the others masked; ece on all records fused, mean of the folds' ECEs)")
+    print(f"{'ECE two ways':<48}{'per-fold mean':>16}{'if calibrated':>16}{'pooled':>10}{'if calibrated':>16}")
+    for name, row in results.items():
+        if "ece_pooled" in row:
+            print(f"{names[name]:<48}{row['ece'][0]:>16.3f}{row['ece_if_calibrated']:>16.3f}"
+                  f"{row['ece_pooled']:>10.3f}{row['ece_pooled_if_calibrated']:>16.3f}")
+    print("(per-fold mean: the headline ECE, 15 bins on each fold's test records; pooled: one ECE over all "
+          "folds' test records, each tested once; 'if calibrated': the ECE a perfectly calibrated model with "
+          "the same confidences shows on as many records, by simulation)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -242,7 +376,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--quick", action="store_true", help="few epochs, two folds (smoke run)")
     parser.add_argument("--systems", default="baseline,seed,product")
+    parser.add_argument("--eval", choices=("test", "val"), default="test",
+                        help="val: choose settings on validation parts of the training sides; test: report")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="TrainConfig override (validation mode only)")
+    parser.add_argument("--train-seed", type=int, default=SEED,
+                        help="the networks' seed (validation mode only: a replicate on the same splits)")
     args = parser.parse_args(argv)
+    if (args.set or args.train_seed != SEED) and args.eval != "val":
+        parser.error("--set / --train-seed are for --eval val only: the test mode reports the product's default")
 
     if not (args.data / "manifest.jsonl").is_file():
         parser.error(f"no realmix data at {args.data} (expected manifest.jsonl); pass --data")
@@ -259,23 +401,52 @@ def main(argv: list[str] | None = None) -> dict:
     folds = leave_one_group_out(y, speakers, SEED)
     if args.quick:
         folds = folds[:2]
+    if args.eval == "val":
+        return run_validation(args, X, y, speakers, folds, t0)
     systems = args.systems.split(",")
     per_fold: dict[str, list[dict]] = {s: [] for s in systems}
+    pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in systems}
+    train_seconds: dict[str, float] = {s: 0.0 for s in systems}
+    # The product's members recalibrated with every other calibration setting (no retraining): a
+    # paired before/after on the test folds, printed for information; the default was chosen on --eval val.
+    alternatives: dict[str, list[dict]] = {}
+    alternative_pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for k, (train, test) in enumerate(folds):
         _check_speaker_independent(speakers, [train, test])
         actor = sorted(set(speakers[test]) - {None})
         print(f"fold {k}: test actor {actor}, {len(test)} test records "
               f"({int(presence(subset(X, test)).all(axis=1).sum())} trimodal), {len(train)} training", flush=True)
         for system in systems:
-            predict = train_system(system, X, y, speakers, train, args.quick)
+            t_fit = time.time()
+            fitted = (train_network(system, X, y, speakers, train, args.quick) if system == "product" else None)
+            predict = fitted.predict_proba if fitted is not None else train_system(system, X, y, speakers, train,
+                                                                                  args.quick)
+            train_seconds[system] += time.time() - t_fit
             views = evaluate_by_modality(predict, subset(X, test), y[test], LABELS)
             per_fold[system].append(views)
+            pooled[system].append((y[test], predict(subset(X, test))))
+            if fitted is not None and getattr(fitted, "calibration_set_", None) is not None:
+                chosen = (fitted.ensemble_rescale, fitted.late_fit)
+                for setting in calibration_settings():
+                    if setting != chosen:
+                        name = setting_name(*setting)
+                        fitted.recalibrate(*setting)
+                        alternatives.setdefault(name, []).append(
+                            evaluate_by_modality(fitted.predict_proba, subset(X, test), y[test], LABELS))
+                        alternative_pooled.setdefault(name, []).append((y[test], fitted.predict_proba(subset(X, test))))
+                fitted.recalibrate(*chosen)
             print(f"  {system:<9} fused {views['fused']['macro_f1']:.3f} trimodal {views['trimodal']['macro_f1']:.3f} "
                   f"ece {views['fused']['ece']:.3f} ({time.time() - t0:.0f}s)", flush=True)
 
-    results = {s: summarise(v) for s, v in per_fold.items()}
+    results = {s: {**summarise(v), **pooled_ece(pooled[s])} for s, v in per_fold.items()}
     print()
     print_loao_table(results)
+    alt_results: dict[str, dict] = {}
+    if alternatives:
+        print("\nproduct members recalibrated with the other settings (information only; the default was chosen "
+              "on --eval val):")
+        alt_results = {n: {**summarise(v), **pooled_ece(alternative_pooled[n])} for n, v in alternatives.items()}
+        print_loao_table(alt_results, names={n: n for n in alt_results})
     if "product" in results and "baseline" in results:
         prod, base = results["product"], results["baseline"]
         targets = {
@@ -288,14 +459,26 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"target {name}: {'met' if ok else 'MISSED'}")
 
     def means(system: str) -> dict[str, float]:
-        return {k: round(v[0], 4) for k, v in results[system].items() if k != "ece"} if system in results else {}
+        return ({k: round(v[0], 4) for k, v in results[system].items() if k in HEADLINE}
+                if system in results else {})
 
     summary = {
         "macro_f1": means("product"),
         "baseline_macro_f1": means("baseline"),
         "seed_macro_f1": means("seed"),
         "ece": round(results["product"]["ece"][0], 4) if "product" in results else None,
-        "spread": {s: {k: round(v[1], 4) for k, v in r.items()} for s, r in results.items()},
+        # The same predictions' ECE over all folds' test records pooled, and the sampling floors.
+        "ece_pooled": round(results["product"]["ece_pooled"], 4) if "product" in results else None,
+        "ece_if_calibrated": round(results["product"]["ece_if_calibrated"], 4) if "product" in results else None,
+        "ece_pooled_if_calibrated": (round(results["product"]["ece_pooled_if_calibrated"], 4)
+                                     if "product" in results else None),
+        "ece_by_system": {s: {k: round(r[k][0] if isinstance(r[k], tuple) else r[k], 4)
+                              for k in ("ece", "ece_pooled", "ece_if_calibrated")} for s, r in results.items()},
+        "train_seconds": {s: round(v, 1) for s, v in train_seconds.items()},
+        "product_other_calibrations": {n: {"fused": round(r["fused"][0], 4), "trimodal": round(r["trimodal"][0], 4),
+                                            "ece": round(r["ece"][0], 4), "ece_pooled": round(r["ece_pooled"], 4)}
+                                        for n, r in alt_results.items()},
+        "spread": {s: {k: round(v[1], 4) for k, v in r.items() if isinstance(v, tuple)} for s, r in results.items()},
         "folds": len(folds),
     }
     print(json.dumps(summary))

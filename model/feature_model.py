@@ -18,9 +18,14 @@ Training is one joint fit: the fused output's loss plus ``aux_weight`` times eac
 modality head's loss on the records that carry it (sample weights zero elsewhere), class
 weights, modality dropout on the fused path (so one-modality records are predicted well),
 AdamW, early stopping on a validation split (speaker-grouped when ``groups`` is given).
-Then, on that validation split, each modality head gets its own temperature (on the
-records having that modality) and the fused output gets one. Everything lives in the
-``.keras`` file (normalisation, temperatures, label set); loaded in safe mode.
+With ``n_members`` > 1 the members are cross-fitted (member k early-stopped on fold k) and
+served averaged. Then, on the held-out logits (out-of-fold when cross-fitted; kept in
+``calibration_set_`` so ``recalibrate`` can refit with other settings), each modality head
+gets its own temperature (on the records having that modality) and the fused output is
+calibrated per ``late_fit``: the heads' temperatures and one fused temperature, or
+per-modality weights (and a per-class bias) fitted on the fused output of every record.
+Everything lives in the ``.keras`` file (normalisation, temperatures, weights, bias, label
+set); loaded in safe mode.
 
 One forward pass gives the fused probabilities, the per-modality probabilities
 (``predict_proba_by_modality``) and the fused embedding.
@@ -41,12 +46,14 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from core.schemas import DEFAULT_LABELS
 from model.keras_files import save_keras
-from model.calibration import fit_temperature
+from model.calibration import fit_late_fusion, fit_temperature
 from model.inputs import FEATURE_INPUT_NAMES, FEATURE_INPUTS, MODALITIES, n_records, presence_key, subset
 from model.layers import FUSION_LAYERS, CalibratedSoftmax, LateFusion, ModalityDropout
 from model.splits import grouped_split
 
 FUSIONS = ("late", "concat", "weighted", "gated")
+# How the late-fusion output is calibrated on the held-out logits (``_apply_calibration``).
+LATE_FITS = ("temperatures", "weights", "weights_bias")
 PREDICT_BATCH = 512
 MODEL_PREFIX = "affectloop_features_"
 EMBEDDING_LAYER = "fused_embedding"
@@ -129,7 +136,7 @@ def build_calibrated_model(cores: Sequence[keras.Model], labels: Sequence[str], 
     probs = [CalibratedSoftmax(labels, name=f"{m}_probs")(z) for m, z in zip(MODALITIES, modality_logits)]
     if fusion == "late":
         masks = keras.layers.Concatenate(name="presence")([inputs[presence_key(m)] for m in MODALITIES])
-        fused_logits = LateFusion(name="fused_logits")(modality_logits + [masks])
+        fused_logits = LateFusion(use_bias=True, name="fused_logits")(modality_logits + [masks])
     else:
         fused_logits = keras.layers.Identity(name="fused_logits")(mean(0, "fused_mean_logits"))
     fused_probs = CalibratedSoftmax(labels, name="probs")(fused_logits)
@@ -184,7 +191,14 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
     input_dropout, dropout: dropout on the standardised features and on the projections.
     modality_dropout: chance of hiding each present modality of a training record (never all).
     aux_weight: weight of each modality head's loss beside the fused loss.
+    pca_dim: components of each modality's whitening PCA: one int for all, or one per modality (0: none).
     val_fraction: share held out for early stopping and calibration (whole speakers with ``groups``).
+    ensemble_rescale: before calibrating an ensemble, rescale the members' held-out logits
+        to the averaged logits' spread (label-free); False: calibrate on them as they are.
+    late_fit: how the late-fusion output is calibrated on the held-out logits:
+        "temperatures" (each modality's own temperature, then one fused temperature),
+        "weights" (per-modality weights fitted on the fused output, all modality subsets
+        together) or "weights_bias" (those and a per-class bias).
     """
 
     # The features-table columns the model reads (scoring reads only these from Parquet).
@@ -192,9 +206,10 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, labels: Sequence[str] = DEFAULT_LABELS, fusion: str = "late", embed_dim: int = 128,
                  input_dropout: float = 0.2, dropout: float = 0.5, modality_dropout: float = 0.3,
-                 aux_weight: float = 1.0, l2: float = 1e-4, pca_dim: int = 200, hidden: int = 0, n_members: int = 1, learning_rate: float = 1e-3, weight_decay: float = 1e-3,
+                 aux_weight: float = 1.0, l2: float = 1e-4, pca_dim: int | dict[str, int] = 200, hidden: int = 0, n_members: int = 1, learning_rate: float = 1e-3, weight_decay: float = 1e-3,
                  epochs: int = 200, batch_size: int = 64, patience: int = 15, val_fraction: float = 0.25,
-                 class_weight: str | None = "balanced", calibrate: bool = True, seed: int = 13, verbose: int = 0):
+                 class_weight: str | None = "balanced", calibrate: bool = True, ensemble_rescale: bool = True,
+                 late_fit: str = "temperatures", seed: int = 13, verbose: int = 0):
         self.labels = labels
         self.fusion = fusion
         self.embed_dim = embed_dim
@@ -214,6 +229,8 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         self.val_fraction = val_fraction
         self.class_weight = class_weight
         self.calibrate = calibrate
+        self.ensemble_rescale = ensemble_rescale
+        self.late_fit = late_fit
         self.seed = seed
         self.verbose = verbose
 
@@ -236,9 +253,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
             # Cross-fitting: member k trains on all but fold k (whole speakers per fold), is
             # early-stopped on fold k, and the ensemble is calibrated on the out-of-fold logits,
             # so every record trains members and every record calibrates.
-            from model.splits import grouped_folds
-
-            folds = grouped_folds(y_idx, groups, self.n_members, self.seed)
+            folds = member_folds(y_idx, groups, self.n_members, self.seed)
             everything = np.arange(len(y_idx))
             splits = [(subset(X, np.setdiff1d(everything, held)), y_idx[np.setdiff1d(everything, held)],
                        subset(X, held), y_idx[held]) for held in folds if len(held)]
@@ -257,7 +272,9 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = np.array(labels)
         self.n_members_ = len(cores)
         self.modality_temperatures_ = {m: 1.0 for m in MODALITIES}
+        self.fusion_weights_ = {m: 1.0 for m in MODALITIES}
         self.temperature_ = 1.0
+        self.calibration_set_ = None
         if self.calibrate and val_parts:
             self._calibrate(val_parts)
         return self
@@ -271,7 +288,8 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
             widths[m] = int(values.shape[1])
             rows = values[_present(X_tr, m)]
             means[m], variances[m] = _stats(rows)
-            pca[m] = whitening_pca(rows, means[m], variances[m], self.pca_dim) if self.pca_dim else None
+            dim = self.pca_dim.get(m, 0) if isinstance(self.pca_dim, dict) else self.pca_dim
+            pca[m] = whitening_pca(rows, means[m], variances[m], dim) if dim else None
         cfg = FeatureNetworkConfig(labels=labels, widths=widths, means=means, variances=variances, pca=pca,
                                    hidden=self.hidden, fusion=self.fusion,
                                    embed_dim=self.embed_dim, input_dropout=self.input_dropout, dropout=self.dropout,
@@ -300,40 +318,73 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         return core
 
     def _calibrate(self, val_parts: list[tuple[keras.Model, dict, np.ndarray]]) -> None:
-        """Per-modality temperatures on the held-out records having each modality, then the fused one.
+        """Collect the held-out logits (``calibration_set_``), then fit the calibration on them.
 
-        The held-out logits come from the core that did not train on them (out-of-fold when
-        cross-fitted); the served model averages the cores, which these temperatures then calibrate.
+        The held-out logits of a record come from the core that did not train on it
+        (out-of-fold when cross-fitted); the served model averages the cores. Averaging
+        members shrinks the logits, so with ``ensemble_rescale`` each modality's (and a
+        non-late fused) held-out logits are rescaled by the label-free ratio of the
+        row-centred spreads of the averaged and the single-member logits on the same records.
         """
+        if self.late_fit not in LATE_FITS:
+            raise ValueError(f"late_fit must be one of {LATE_FITS}, got {self.late_fit!r}")
         outs = [[np.asarray(o, np.float64) for o in core.predict(self._dataset(Xv), verbose=0)[:4]]
                 for core, Xv, _ in val_parts]
         y_val = np.concatenate([yv for _, _, yv in val_parts])
         X_val = {name: np.concatenate([Xv[name] for _, Xv, _ in val_parts]) for name in FEATURE_INPUT_NAMES}
         fused, *modality = (np.concatenate([o[i] for o in outs]) for i in range(4))
+        masks = np.concatenate([X_val[presence_key(m)] for m in MODALITIES], axis=1) > 0.5
+        ratios = {m: 1.0 for m in ("fused", *MODALITIES)}
         if len(val_parts) > 1:
-            # Averaging members shrinks the logits; the temperatures below are fitted on single
-            # members' out-of-fold logits, so rescale those to the ensemble's spread (label-free:
-            # the ratio of the row-centred logit spreads of the ensemble and the members on
-            # the same records).
             averaged = [self._logits(X_val, f"{m}_mean_logits") for m in MODALITIES]
             for j, m in enumerate(MODALITIES):
-                rows = _present(X_val, m)
+                rows = masks[:, j]
                 if rows.sum() >= 2:
-                    ratio = _spread(averaged[j][rows]) / max(_spread(modality[j][rows]), 1e-9)
-                    modality[j] = modality[j] * ratio
+                    ratios[m] = _spread(averaged[j][rows]) / max(_spread(modality[j][rows]), 1e-9)
             if self.fusion != "late":
-                avg_fused = self._logits(X_val, "fused_mean_logits")
-                fused = fused * (_spread(avg_fused) / max(_spread(fused), 1e-9))
-        for m, z in zip(MODALITIES, modality):
-            rows = _present(X_val, m)
-            if rows.sum() >= 2:
-                self.modality_temperatures_[m] = float(fit_temperature(z[rows], y_val[rows]))
+                ratios["fused"] = _spread(self._logits(X_val, "fused_mean_logits")) / max(_spread(fused), 1e-9)
+        self.calibration_set_ = {"y": y_val, "masks": masks, "fused": fused, "modality": modality, "ratios": ratios}
+        self._apply_calibration()
+
+    def recalibrate(self, ensemble_rescale: bool | None = None, late_fit: str | None = None) -> "FeatureFusionClassifier":
+        """Refit only the calibration, with other settings, on the stored held-out logits
+        (for choosing them on a validation split without retraining); ``None`` keeps a setting."""
+        if self.calibration_set_ is None:
+            raise ValueError("no held-out logits to calibrate on (fitted without a validation split?)")
+        if ensemble_rescale is not None:
+            self.ensemble_rescale = ensemble_rescale
+        if late_fit is not None:
+            if late_fit not in LATE_FITS:
+                raise ValueError(f"late_fit must be one of {LATE_FITS}, got {late_fit!r}")
+            self.late_fit = late_fit
+        self._apply_calibration()
+        return self
+
+    def _apply_calibration(self) -> None:
+        """Per-modality head temperatures on the held-out records having each modality; then
+        the fused output: per ``late_fit`` for late fusion, one temperature otherwise."""
+        cal = self.calibration_set_
+        y_val, masks, ratios = cal["y"], cal["masks"], cal["ratios"]
+        scale = self.ensemble_rescale
+        modality = [z * (ratios[m] if scale else 1.0) for m, z in zip(MODALITIES, cal["modality"])]
+        fused = cal["fused"] * (ratios["fused"] if scale else 1.0)
+        for j, (m, z) in enumerate(zip(MODALITIES, modality)):
+            rows = masks[:, j]
+            self.modality_temperatures_[m] = float(fit_temperature(z[rows], y_val[rows])) if rows.sum() >= 2 else 1.0
             self.model_.get_layer(f"{m}_probs").temperature.assign(self.modality_temperatures_[m])
         if self.fusion == "late":
-            temps = np.array([self.modality_temperatures_[m] for m in MODALITIES])
-            self.model_.get_layer("fused_logits").temperatures.assign(temps.astype(np.float32))
-            masks = np.concatenate([X_val[presence_key(m)] for m in MODALITIES], axis=1)
-            fused = sum(masks[:, j:j + 1] * modality[j] / temps[j] for j in range(len(MODALITIES)))
+            layer = self.model_.get_layer("fused_logits")
+            stacked = np.stack(modality)
+            bias = np.zeros(len(self.classes_))
+            if self.late_fit == "temperatures":
+                weights = 1.0 / np.array([self.modality_temperatures_[m] for m in MODALITIES])
+            else:
+                weights, bias = fit_late_fusion(stacked, masks, y_val, bias=self.late_fit == "weights_bias")
+            self.fusion_weights_ = {m: float(w) for m, w in zip(MODALITIES, weights)}
+            layer.temperatures.assign((1.0 / weights).astype(np.float32))
+            if getattr(layer, "use_bias", False):
+                layer.bias.assign(bias.astype(np.float32))
+            fused = np.tensordot(weights, np.where(masks.T[:, :, None], stacked, 0.0), axes=1) + bias
         self.temperature_ = float(fit_temperature(fused, y_val))
         self.model_.get_layer("probs").temperature.assign(self.temperature_)
 
@@ -475,6 +526,11 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         est.temperature_ = float(np.asarray(probs.temperature))
         est.modality_temperatures_ = {m: float(np.asarray(model.get_layer(f"{m}_probs").temperature))
                                       for m in MODALITIES}
+        est.fusion_weights_ = {m: 1.0 for m in MODALITIES}
+        if fusion == "late":
+            temps = np.asarray(model.get_layer("fused_logits").temperatures)
+            est.fusion_weights_ = {m: float(1.0 / t) for m, t in zip(MODALITIES, temps)}
+        est.calibration_set_ = None
         est.history_ = {}
         return est
 
@@ -482,6 +538,42 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
     def load(cls, path: str | os.PathLike) -> "FeatureFusionClassifier":
         """Load a model saved by ``save`` (Keras safe mode)."""
         return cls.from_keras(keras.saving.load_model(Path(path), safe_mode=True, compile=False))
+
+
+def member_folds(y: np.ndarray, groups: Sequence[object] | None, n_folds: int, seed: int) -> list[np.ndarray]:
+    """The cross-fitting folds: ``model.splits.grouped_folds``, and whole groups per fold even
+    with fewer groups than folds (from two groups on).
+
+    ``grouped_folds`` treats the records as ungrouped when there are fewer groups than
+    folds, so a speaker would sit in a fold and outside it and the held-out logits of that
+    modality would come from a member that heard the speaker: calibration fitted on them
+    is over-confident for a new speaker. Here each group goes whole to one of the first
+    folds (largest groups first, each to the fold with the fewest grouped records so far);
+    the folds beyond the groups hold only ungrouped records, spread stratified over all folds.
+    """
+    from model.splits import _has_group, grouped_folds
+
+    y = np.asarray(y)
+    if groups is None:
+        return grouped_folds(y, None, n_folds, seed)
+    groups = np.asarray(groups, dtype=object)
+    grouped = _has_group(groups)
+    names = np.array([str(g) for g in groups])
+    distinct = sorted(set(names[grouped]))
+    if len(distinct) >= n_folds or len(distinct) < 2:
+        return grouped_folds(y, groups, n_folds, seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_folds)]
+    sizes = np.zeros(len(distinct))
+    for name in sorted(distinct, key=lambda g: (-int((names[grouped] == g).sum()), g)):
+        k = int(np.argmin(sizes))
+        rows = np.flatnonzero(grouped & (names == name))
+        parts[k].append(rows)
+        sizes[k] += len(rows)
+    rest = np.flatnonzero(~grouped)
+    if len(rest):
+        for k, held in enumerate(grouped_folds(y[rest], None, n_folds, seed)):
+            parts[k].append(rest[held])
+    return [np.sort(np.concatenate(p)).astype(int) if p else np.arange(0) for p in parts]
 
 
 def _spread(logits: np.ndarray) -> float:

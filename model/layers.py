@@ -292,26 +292,39 @@ class GatedFusion(_Fusion):
 
 @keras.saving.register_keras_serializable(package="affectloop")
 class LateFusion(keras.layers.Layer):
-    """Late fusion of per-modality logits: ``sum_m mask_m * logits_m / T_m`` (a product of experts).
+    """Late fusion of per-modality logits: ``sum_m mask_m * logits_m / T_m (+ b)`` (a product of experts).
 
-    ``T_m`` (``temperatures``, non-trainable, 1 while training) is each modality's own
-    calibration temperature, fitted on validation records after training, so the evidence
-    of each modality enters the sum calibrated. For modalities that are independent given
-    the label (and balanced classes) the calibrated sum is the Bayes-optimal combination.
+    ``T_m`` (``temperatures``, non-trainable, 1 while training) scales each modality's
+    evidence, fitted on held-out records after training (each modality's own calibration
+    temperature, or weights ``1 / T_m`` fitted on the fused output); ``b`` (``bias``,
+    non-trainable, zeros unless fitted, only with ``use_bias``) is a per-class offset, a
+    log-prior correction. For modalities that are independent given the label (and balanced
+    classes) the calibrated sum is the Bayes-optimal combination.
     Inputs: ``[logits_1, …, logits_M, masks (N, M)]``.
     """
+
+    def __init__(self, use_bias: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.use_bias = bool(use_bias)
 
     def build(self, input_shapes):
         self.n_modalities = len(input_shapes) - 1
         self.temperatures = self.add_weight(name="temperatures", shape=(self.n_modalities,), initializer="ones",
                                             trainable=False)
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(input_shapes[0][-1],), initializer="zeros",
+                                        trainable=False)
 
     def call(self, inputs):
         *logits, masks = inputs
-        return sum(masks[:, i:i + 1] * z / self.temperatures[i] for i, z in enumerate(logits))
+        fused = sum(masks[:, i:i + 1] * z / self.temperatures[i] for i, z in enumerate(logits))
+        return fused + self.bias if self.use_bias else fused
 
     def compute_output_shape(self, input_shapes):
         return input_shapes[0]
+
+    def get_config(self):
+        return {**super().get_config(), "use_bias": self.use_bias}
 
 
 FUSION_LAYERS: dict[str, type[_Fusion]] = {

@@ -30,6 +30,30 @@ def expected_calibration_error(y_true_idx: np.ndarray, proba: np.ndarray, n_bins
     return float(ece)
 
 
+def expected_ece_if_calibrated(proba: np.ndarray, n_bins: int = 15, n_draws: int = 200, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated model with these confidences would show on this many records.
+
+    Equal-width-bin ECE on a finite test set is biased upward: even when P(correct | confidence
+    c) = c, each bin's accuracy is a binomial estimate off by about sqrt(c(1 - c) / n_bin).
+    This draws "correct" ~ Bernoulli(confidence) ``n_draws`` times and averages the ECE of the
+    draws: the floor against which a measured ECE on the same records is read.
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    if len(proba) == 0:
+        return 0.0
+    confidence = proba.max(axis=1)
+    pred = proba.argmax(axis=1)
+    rng = np.random.default_rng(seed)
+    n_classes = proba.shape[1]
+    total = 0.0
+    for _ in range(n_draws):
+        correct = rng.random(len(confidence)) < confidence
+        # labels that reproduce the drawn correctness: the prediction, or another class
+        y = np.where(correct, pred, (pred + 1) % n_classes)
+        total += expected_calibration_error(y, proba, n_bins)
+    return total / n_draws
+
+
 def evaluate(y_true: Sequence[str], proba: np.ndarray, labels: Sequence[str]) -> dict:
     """Macro/weighted F1, accuracy, unweighted average recall, per-class report, ECE, confusion, n.
 

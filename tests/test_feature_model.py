@@ -63,10 +63,17 @@ def test_per_modality_probabilities_come_from_the_same_pass(fitted, data):
     for j, m in enumerate(("image", "text", "audio")):
         assert np.isnan(by[m][~present[:, j]]).all()
         assert np.allclose(by[m][present[:, j]].sum(axis=1), 1, atol=1e-5)
-    # Late fusion of one modality is that modality's calibrated head, up to the fused temperature.
+    # Late fusion of one modality is that modality's averaged logits, weighted, plus the class bias,
+    # over the fused temperature; the modality's own head is the same logits over its temperature.
+    from model.calibration import softmax
+
     only_text = mask_modalities(X, ["text"])
     rows = present[:, 1]
-    assert (fitted.predict_proba(only_text)[rows].argmax(1) == by["text"][rows].argmax(1)).all()
+    z = fitted._logits(only_text, "text_mean_logits")[rows]
+    bias = np.asarray(fitted.model_.get_layer("fused_logits").bias)
+    expected = softmax((z * fitted.fusion_weights_["text"] + bias) / fitted.temperature_)
+    np.testing.assert_allclose(fitted.predict_proba(only_text)[rows], expected, atol=1e-5)
+    np.testing.assert_allclose(by["text"][rows], softmax(z / fitted.modality_temperatures_["text"]), atol=1e-5)
 
 
 def test_forward_pass_matches_keras_predict_across_batches_and_when_empty(fitted, data):
@@ -97,6 +104,54 @@ def test_save_load_safe_mode_round_trip(fitted, data, tmp_path):
     p, e = loaded.predict_proba_and_embed(X)
     assert e.shape[0] == len(p)
     assert loaded.predict_proba_mc(X, n_samples=3).shape == (3, len(p), len(LABELS))
+
+
+def test_member_folds_keep_each_speaker_whole_with_fewer_speakers_than_folds():
+    from model.feature_model import member_folds
+
+    y = np.array(list(LABELS) * 12)
+    speakers = np.array(["a"] * 20 + ["b"] * 16 + [None] * (len(y) - 36), dtype=object)
+    folds = member_folds(y, speakers, 3, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(y)))  # every record held out once
+    for name in ("a", "b"):
+        holding = [k for k, f in enumerate(folds) if (speakers[f] == name).any()]
+        assert len(holding) == 1 and (speakers[folds[holding[0]]] == name).sum() == (speakers == name).sum()
+    assert all(len(f) for f in folds)  # the fold without a speaker still holds ungrouped records
+
+
+@pytest.mark.parametrize("late_fit", ["weights", "weights_bias"])
+def test_recalibrated_late_fusion_is_saved_and_loaded(late_fit, data, tmp_path):
+    _, X, y = data
+    est = train_model(X, y, config=TINY, labels=LABELS, seed=5)
+    before = est.predict_proba(X)
+    est.recalibrate(ensemble_rescale=False, late_fit=late_fit)
+    assert est.late_fit == late_fit and all(w > 0 for w in est.fusion_weights_.values())
+    after = est.predict_proba(X)
+    assert not np.allclose(before, after, atol=1e-4)
+    bias = np.asarray(est.model_.get_layer("fused_logits").bias)
+    assert (np.abs(bias).max() > 0) == (late_fit == "weights_bias")
+    loaded = load_estimator(est.save(tmp_path / "model.keras"))
+    np.testing.assert_allclose(loaded.predict_proba(X), after, atol=1e-6)
+    assert loaded.fusion_weights_ == pytest.approx(est.fusion_weights_, rel=1e-5)
+    with pytest.raises(ValueError, match="late_fit"):
+        est.recalibrate(late_fit="nonsense")
+
+
+def test_realmix_validation_split_holds_out_one_training_actor_and_rotates():
+    import bench.realmix as bench
+    from model.splits import leave_one_group_out
+
+    y = np.array(list(LABELS) * 20)
+    speakers = np.array([f"actor-{i % 4}" if i < 80 else None for i in range(len(y))], dtype=object)
+    held = []
+    for k, (train, test) in enumerate(leave_one_group_out(y, speakers, 13)):
+        fit, val = bench.validation_split(y, speakers, train, k)
+        assert set(fit) | set(val) == set(train) and not set(fit) & set(val)
+        val_actors = set(speakers[val]) - {None}
+        assert len(val_actors) == 1 and not val_actors & set(speakers[fit]) and not val_actors & set(speakers[test])
+        assert (speakers[val] == None).sum() > 0  # noqa: E711 - a share of the records without a speaker
+        held.append(val_actors.pop())
+    assert sorted(held) == [f"actor-{i}" for i in range(4)]  # each actor is validation once
 
 
 def test_training_is_deterministic_for_a_seed(data):

@@ -19,7 +19,7 @@ import pyarrow as pa  # noqa: E402
 import pytest  # noqa: E402
 
 from core.schemas import FeatureSpec, features_schema  # noqa: E402
-from model.calibration import fit_temperature, softmax  # noqa: E402
+from model.calibration import fit_late_fusion, fit_temperature, softmax  # noqa: E402
 from model.estimator import FusionClassifier  # noqa: E402
 from model.inputs import arrays_from_features, mask_modalities, presence  # noqa: E402
 from model.layers import (  # noqa: E402
@@ -32,7 +32,8 @@ from model.layers import (  # noqa: E402
     SpecAugment,
     WeightedSumFusion,
 )
-from model.metrics import evaluate, expected_calibration_error, plot_confusion_matrix, plot_learning_curve  # noqa: E402
+from model.metrics import (evaluate, expected_calibration_error, expected_ece_if_calibrated,  # noqa: E402
+                           plot_confusion_matrix, plot_learning_curve)
 from model.registry import ModelLoadError, ModelRegistry  # noqa: E402
 from model.splits import grouped_split  # noqa: E402
 
@@ -269,6 +270,36 @@ def test_temperature_scaling_lowers_ece_on_held_out_data():
     before = expected_calibration_error(y[test_half], softmax(logits[test_half]))
     after = expected_calibration_error(y[test_half], softmax(logits[test_half] / temperature))
     assert before > 0.15 and after < 0.05 and after < before / 4
+
+
+def test_fit_late_fusion_recovers_the_modality_weights_and_class_bias():
+    rng = np.random.default_rng(1)
+    n, c = 6000, 7
+    z = rng.normal(size=(2, n, c)) * 1.2
+    masks = rng.random((n, 2)) < 0.7
+    masks[~masks.any(axis=1), 0] = True
+    true_w, true_b = np.array([2.0, 0.5]), np.linspace(-0.6, 0.6, c)
+    fused = np.tensordot(true_w, np.where(masks.T[:, :, None], z, 0.0), axes=1) + true_b
+    y = np.array([rng.choice(c, p=row) for row in softmax(fused)])
+    # absent modalities' logits are garbage: they must not enter the fit
+    z_seen = np.where(masks.T[:, :, None], z, 99.0)
+    w, b = fit_late_fusion(z_seen, masks, y, bias=True)
+    assert np.allclose(w, true_w, atol=0.15) and np.allclose(b, true_b - true_b.mean(), atol=0.15)
+    w_only, b_none = fit_late_fusion(z_seen, masks, y, bias=False)
+    assert np.allclose(b_none, 0) and w_only[0] > w_only[1]
+
+
+def test_ece_of_a_calibrated_model_on_few_records_is_its_sampling_floor():
+    rng = np.random.default_rng(2)
+    floors, measured = [], []
+    for n in (300, 3000):
+        p = softmax(rng.normal(size=(n, 7)) * 1.5)
+        eces = [expected_calibration_error(np.array([rng.choice(7, p=row) for row in p]), p) for _ in range(5)]
+        floors.append(expected_ece_if_calibrated(p, n_draws=100))
+        measured.append(float(np.mean(eces)))
+    # A perfectly calibrated model still shows ECE ~ 0.05 on 300 records; the floor predicts it.
+    assert floors[0] > 0.03 and floors[0] > 2 * floors[1]
+    assert abs(measured[0] - floors[0]) < 0.02 and abs(measured[1] - floors[1]) < 0.01
 
 
 def test_estimator_calibration_lowers_ece_on_held_out_split():
