@@ -457,7 +457,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "curves": curves_summary(summary, strategies),
         "seeds": args.seeds,
         "model": "model.training.train_model(DEFAULT_CONFIG)",
-        "minutes": round((time.time() - started) / 60, 1),
+        "minutes": round((time.time() - started) / 60, 1),  # this process only
+        "curves_resumed": len(done),  # finished curves taken from --resume-from files
     }
     print(json.dumps(result))
     return result
