@@ -106,7 +106,7 @@ def modality_views(by_modality: dict[str, np.ndarray | None], probs: np.ndarray)
     for it instead of scoring it 0.
     """
     n, c = probs.shape
-    views = {m: np.full((n, c), np.nan) if by_modality.get(m) is None else np.asarray(by_modality[m], np.float64)
+    views = {m: np.full((n, c), np.nan) if by_modality.get(m) is None else np.array(by_modality[m], np.float64)
              for m in MODALITIES}
     has_view = np.zeros(n, dtype=bool)
     for m in MODALITIES:
