@@ -33,7 +33,7 @@ Prints the learning-curve table (macro-F1 mean±std over seeds per label count),
 each strategy needs to reach random's final macro-F1, the stopping signal, saves a PNG
 under ``bench/out/`` and ends with one JSON line.
 
-    nice python bench/active_learning.py --eval val --seeds 100      # choose (writes the choice)
+    nice python bench/active_learning.py --eval val --seeds 100,101  # choose (writes the choice)
     nice python bench/active_learning.py --eval test --strategies random  # report random + the default
 """
 
