@@ -1,32 +1,40 @@
-"""Label-efficiency benchmark of the active-learning strategies on real data (realmix).
+"""Label-efficiency benchmark of the active-learning strategies, with the product's own model, on realmix.
 
-Protocol (issue 7):
+Everything a nightly build does between "a model exists" and "these records go to
+annotators" is the product's code here:
+
+- features: the product's preprocessing (``tasks.features.featurize``), cached by
+  ``bench/realmix.py``'s loader under ``bench/out/`` (git-ignored; one loader for both benchmarks);
+- training: ``model.training.train_model`` with ``DEFAULT_CONFIG`` (what ``affectloop retrain``
+  fits), speakers as groups for its internal folds;
+- scoring: ``tasks.score.score_features`` (what ``score_partition`` writes: fused and
+  per-modality probabilities from ``predict_proba_by_modality_and_embed``, fused embeddings);
+- selection: ``tasks.select.shortlist_partition`` then ``select_from_shortlists`` on those
+  scores (``model.selection.select`` with the nightly build's defaults: class guard, diversity).
+
+Protocol:
 
 - speaker-independent pool/test split: RAVDESS actors on one side only (``--test-speakers``),
   records without a speaker split stratified by label (``--test-share``);
-- a small stratified seed (``--seed-labels``, default 70), then ``--rounds`` rounds of
-  ``--batch`` labels per strategy; the oracle gives the gold label; the model is retrained
-  from scratch every round and evaluated (macro-F1) on the test split;
-- repeated over ``--seeds`` seeds (same seed set and split for every strategy of a seed).
+- a stratified seed (``--seed-labels``, default 70), then ``--rounds`` rounds of ``--batch``
+  labels per strategy; the oracle gives the gold label; the model is retrained from scratch
+  every round and evaluated (macro-F1) on the evaluation split;
+- repeated over ``--seeds`` (the same seed set and split for every strategy of a seed, so
+  the seed round's model is trained once per seed and shared).
 
-Settings of the strategies are chosen with ``--eval val``: the pool itself is split the same
-speaker-independent way into a smaller pool and a validation side, and the test split is
-not touched. ``--eval test`` (default) reports the figures.
-
-Features are computed once with the project's own preprocessing (``tasks.preprocess``) and
-cached in ``bench/out/realmix_features.npz``. Models (``--model``):
-
-- ``logreg``: per-modality logistic regressions (face pixels, TF-IDF of the tokens, log-mel
-  band statistics + prosody) fused as a product of experts; MC samples for BALD come from a
-  bootstrap committee. Cheap: the whole benchmark runs in minutes on one core.
-- ``fusion``: ``model.estimator.FusionClassifier`` (the production Keras network) with
-  MC-dropout for BALD and ``embed`` for the diversity space.
+``--eval val`` chooses: the pool is split the same speaker-independent way into a smaller
+pool and a validation side (the test split is not touched), and the strategy that needs the
+fewest labels to reach random's final macro-F1 (ties: the higher mean macro-F1 over the
+curve) is written to ``bench/out/active_learning_choice.json``; that is the product's default
+(``core.settings``' ``selection_strategy``). ``--eval test`` reports: the chosen strategy is
+``--chosen`` (default: the product's default strategy), never picked on test.
 
 Prints the learning-curve table (macro-F1 mean±std over seeds per label count), the labels
 each strategy needs to reach random's final macro-F1, the stopping signal, saves a PNG
 under ``bench/out/`` and ends with one JSON line.
 
-    nice python bench/active_learning.py --model logreg --rounds 10 --batch 35 --seeds 3
+    nice python bench/active_learning.py --eval val --seeds 100,101  # choose (writes the choice)
+    nice python bench/active_learning.py --eval test --strategies random  # report random + the default
 """
 
 from __future__ import annotations
@@ -35,15 +43,17 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -55,11 +65,13 @@ from model import selection  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "realmix"
 OUT_DIR = ROOT / "bench" / "out"
-CACHE_VERSION = 1  # bump when the cached arrays change meaning
-MODALITIES = ("image", "text", "audio")
-DEFAULT_STRATEGIES = ("random", "least_confidence", "margin", "entropy", "bald", "diverse_entropy", "disagreement",
-                      "modality_entropy", "diverse_modality_entropy", "hybrid")
-TOKEN_SEP = "\x1f"  # tokens never contain control characters (the text preprocessing drops them)
+CHOICE_FILE = "active_learning_choice.json"
+# The candidates compared on validation: random, the previous default and the two strategies
+# that use the per-modality probabilities scoring writes (every one runnable by the nightly
+# build, tasks.select.nightly_strategies). hybrid and disagreement run there too; they were left
+# out of the comparison to fit the compute (a retraining takes about a minute on 2 shared cores).
+DEFAULT_STRATEGIES = ("random", "diverse_entropy", "modality_entropy", "diverse_modality_entropy")
+LABELS = tuple(DEFAULT_LABELS)
 
 
 # --------------------------------------------------------------------------- data
@@ -67,73 +79,31 @@ TOKEN_SEP = "\x1f"  # tokens never contain control characters (the text preproce
 
 @dataclass
 class Dataset:
-    """The realmix records as model-ready arrays (row i = record i of the manifest)."""
+    """The realmix records with the product's features (row i = record i of the manifest)."""
 
     record_ids: np.ndarray  # (N,) str
-    y: np.ndarray  # (N,) int, index into labels
-    speaker: np.ndarray  # (N,) str, "" when none
-    image: np.ndarray  # (N, S, S) float32
-    tokens: list[list[str]]
-    logmel: np.ndarray  # (N, T, M) float32
-    prosody: np.ndarray  # (N, P) float32
-    present: np.ndarray  # (N, 3) bool, order of MODALITIES
-    labels: tuple[str, ...] = DEFAULT_LABELS
+    y: np.ndarray  # (N,) str label
+    speaker: np.ndarray  # (N,) object, None when the record names no speaker
+    features: pa.Table  # the features table, only the columns the product's model reads
+    X: dict[str, np.ndarray]  # model.inputs.arrays_from_features(features)
 
     def __len__(self) -> int:
         return len(self.y)
 
 
-def build_cache(data_dir: Path, cache: Path, spec: FeatureSpec = FeatureSpec()) -> None:
-    """Preprocess every realmix record with ``tasks.preprocess`` and save the arrays (npz, atomic)."""
-    from core.io import atomic_path
-    from tasks.preprocess.audio import preprocess_audio
-    from tasks.preprocess.image import preprocess_image
-    from tasks.preprocess.text import preprocess_text
+def load_dataset(data_dir: Path, out_dir: Path) -> Dataset:
+    """realmix through ``bench/realmix.py``'s cached features (built once with the product's preprocessing)."""
+    from bench.realmix import cached_features, load_manifest
+    from model.feature_model import FeatureFusionClassifier
+    from model.inputs import arrays_from_features
 
-    rows = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    n = len(rows)
-    image = np.zeros((n, spec.image_size, spec.image_size), np.float32)
-    logmel = np.zeros((n, spec.n_frames, spec.n_mels), np.float32)
-    prosody = np.zeros((n, spec.n_prosody), np.float32)
-    present = np.zeros((n, 3), bool)
-    tokens: list[str] = []
-    started = time.time()
-    for i, row in enumerate(rows):
-        if row.get("image"):
-            image[i] = preprocess_image((data_dir / row["image"]).read_bytes(), size=spec.image_size).pixels
-            present[i, 0] = True
-        words = preprocess_text(row["text"], spec.max_tokens) if row.get("text") else []
-        tokens.append(TOKEN_SEP.join(words))
-        present[i, 1] = bool(words)
-        if row.get("audio"):
-            features = preprocess_audio((data_dir / row["audio"]).read_bytes(), spec)
-            logmel[i], prosody[i] = features.logmel, features.prosody
-            present[i, 2] = True
-    print(f"preprocessed {n} records in {time.time() - started:.0f}s", file=sys.stderr)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(
-                handle, version=CACHE_VERSION,
-                record_ids=np.array([r["record_id"] for r in rows]),
-                label=np.array([r["label"] for r in rows]),
-                speaker=np.array([r.get("speaker") or "" for r in rows]),
-                image=image, logmel=logmel, prosody=prosody, present=present, tokens=np.array(tokens),
-            )
-
-
-def load_dataset(data_dir: Path, cache: Path) -> Dataset:
-    """The cached arrays, building the cache first when missing or stale."""
-    if not cache.exists() or int(np.load(cache)["version"]) != CACHE_VERSION:
-        build_cache(data_dir, cache)
-    raw = np.load(cache)
-    labels = DEFAULT_LABELS
-    index = {label: i for i, label in enumerate(labels)}
-    return Dataset(
-        record_ids=raw["record_ids"], y=np.array([index[label] for label in raw["label"]]),
-        speaker=raw["speaker"], image=raw["image"], logmel=raw["logmel"], prosody=raw["prosody"],
-        present=raw["present"], tokens=[t.split(TOKEN_SEP) if t else [] for t in raw["tokens"]], labels=labels,
-    )
+    rows = load_manifest(data_dir)
+    table = cached_features(rows, data_dir, out_dir, FeatureSpec())
+    table = table.select(["record_id", *FeatureFusionClassifier.INPUT_COLUMNS])  # what scoring reads
+    return Dataset(record_ids=np.array([r["record_id"] for r in rows]),
+                   y=np.array([r["label"] for r in rows], dtype=object),
+                   speaker=np.array([r.get("speaker") or None for r in rows], dtype=object),
+                   features=table, X=arrays_from_features(table))
 
 
 def speaker_independent_split(y: np.ndarray, speaker: np.ndarray, candidates: np.ndarray,
@@ -149,7 +119,7 @@ def speaker_independent_split(y: np.ndarray, speaker: np.ndarray, candidates: np
     held_arr = np.sort(np.array(held, dtype=np.int64))
     kept = np.setdiff1d(candidates, held_arr)
     # The guarantee this split exists for: no speaker on both sides.
-    assert not (set(speaker[kept]) & set(speaker[held_arr])) - {""}
+    assert not ({s for s in speaker[kept] if s} & {s for s in speaker[held_arr] if s})
     return kept, held_arr
 
 
@@ -161,205 +131,64 @@ def stratified_seed(y: np.ndarray, pool: np.ndarray, size: int, seed: int) -> np
     return np.sort(np.concatenate([rng.choice(pool[y[pool] == c], per_class, replace=False) for c in classes]))
 
 
-# --------------------------------------------------------------------------- models
+# --------------------------------------------------------------------------- one round, the product's way
 
 
-class Learner(Protocol):
-    """What the loop needs from a model, on row indices of the dataset."""
+@dataclass
+class Round:
+    """What a round leaves behind once its model is gone: the figures and the candidates' scores."""
 
-    def fit(self, index: np.ndarray, y: np.ndarray) -> "Learner": ...  # y: labels of the rows ``index``
-    def predict_proba(self, index: np.ndarray) -> np.ndarray: ...
-    def predict_proba_mc(self, index: np.ndarray, n_samples: int) -> np.ndarray: ...
-    def modality_probs(self, index: np.ndarray) -> dict[str, np.ndarray]: ...
-    def modality_probs_mc(self, index: np.ndarray, n_samples: int) -> dict[str, np.ndarray]: ...
-    def embed(self, index: np.ndarray) -> np.ndarray: ...
-
-
-def _full_proba(estimator: Any, X: Any, n_classes: int) -> np.ndarray:
-    """predict_proba over all classes, even those missing from the training labels."""
-    out = np.full((X.shape[0], n_classes), 1e-6)
-    out[:, estimator.classes_] = estimator.predict_proba(X)
-    return out / out.sum(axis=1, keepdims=True)
+    labels: int
+    macro_f1: float
+    watch_predictions: np.ndarray
+    candidates: np.ndarray  # dataset rows scored for selection
+    scores: pa.Table  # tasks.score.score_features of those rows
+    seconds: float
 
 
-class LogRegFusion:
-    """Late fusion of per-modality logistic regressions (product of experts over present modalities).
+def train_and_score(data: Dataset, train: np.ndarray, candidates: np.ndarray, evaluation: np.ndarray,
+                    watch: np.ndarray, seed: int) -> Round:
+    """``train_model`` (DEFAULT_CONFIG) on ``train``; macro-F1 on ``evaluation``; the scores of ``candidates``."""
+    import keras
+    from sklearn.metrics import f1_score
 
-    The modalities of a realmix record are independent given the label, so summing their
-    log-probabilities is the Bayes-optimal way to combine them (with a flat prior).
-    """
+    from model.inputs import subset
+    from model.training import DEFAULT_CONFIG, train_model
+    from tasks.score import score_features
 
-    def __init__(self, data: Dataset, pool: np.ndarray, C: dict[str, float] | None = None, seed: int = 0) -> None:
-        from sklearn.decomposition import PCA
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.preprocessing import StandardScaler
-
-        self.n_classes = len(data.labels)
-        self.present = data.present
-        self.C = {"image": 0.05, "text": 2.0, "audio": 0.2} | (C or {})
-        self.seed = seed
-        n, s = len(data), data.image.shape[1]
-        half = s // 2
-        # Unsupervised transforms are fitted on the pool only (never the test side).
-        pixels = data.image[:, : half * 2, : half * 2].reshape(n, half, 2, half, 2).mean(axis=(2, 4)).reshape(n, -1)
-        audio = np.concatenate([data.logmel.mean(axis=1), data.logmel.std(axis=1), data.prosody], axis=1)
-        texts = [" ".join(t) for t in data.tokens]
-        pool_with = {m: pool[data.present[pool, k]] for k, m in enumerate(MODALITIES)}
-        tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit([texts[i] for i in pool_with["text"]])
-        self.features = {
-            "image": StandardScaler().fit(pixels[pool_with["image"]]).transform(pixels),
-            "text": tfidf.transform(texts).tocsr(),
-            "audio": StandardScaler().fit(audio[pool_with["audio"]]).transform(audio),
-        }
-        # Diversity space: a few principal components per modality, zero when the modality is absent.
-        parts = []
-        for k, m in enumerate(MODALITIES):
-            dense = self.features[m].toarray() if m == "text" else self.features[m]
-            pca = PCA(n_components=8, random_state=0).fit(dense[pool_with[m]])
-            parts.append(pca.transform(dense) * data.present[:, [k]])
-        self.embedding = np.concatenate(parts + [data.present.astype(float) * 3.0], axis=1)
-        self.models_: dict[str, Any] = {}
-
-    def _fit_modality(self, m: str, index: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> Any:
-        from sklearn.linear_model import LogisticRegression
-
-        k = MODALITIES.index(m)
-        has = self.present[index, k]
-        if np.unique(y[has]).size < 2:  # y holds the labels of ``index``
-            return None  # nothing to learn yet: this modality abstains
-        model = LogisticRegression(C=self.C[m], max_iter=300)
-        return model.fit(self.features[m][index[has]], y[has],
-                         sample_weight=None if weights is None else weights[has])
-
-    def fit(self, index: np.ndarray, y: np.ndarray) -> "LogRegFusion":
-        self.train_ = (index, y)
-        self.models_ = {m: self._fit_modality(m, index, y) for m in MODALITIES}
-        self.committee_: list[dict[str, Any]] = []
-        return self
-
-    def _committee(self, n_samples: int) -> list[dict[str, Any]]:
-        """Bootstrap replicas of the per-modality models (fitted once per ``fit``): a linear
-        model has no dropout, so a committee stands in for MC-dropout samples."""
-        if len(self.committee_) < n_samples:
-            train_index, train_y = self.train_
-            rng = np.random.default_rng(self.seed + len(self.committee_))
-            while len(self.committee_) < n_samples:
-                weights = np.bincount(rng.integers(0, train_index.size, train_index.size),
-                                      minlength=train_index.size).astype(float)
-                self.committee_.append({m: self._fit_modality(m, train_index, train_y, weights) for m in MODALITIES})
-        return self.committee_[:n_samples]
-
-    def _modality_logp(self, models: dict[str, Any], index: np.ndarray) -> dict[str, np.ndarray]:
-        out = {}
-        for k, m in enumerate(MODALITIES):
-            logp = np.full((index.size, self.n_classes), np.nan)
-            has = self.present[index, k]
-            if models.get(m) is not None and has.any():
-                logp[has] = np.log(_full_proba(models[m], self.features[m][index[has]], self.n_classes))
-            out[m] = logp
-        return out
-
-    def _fuse(self, logps: dict[str, np.ndarray]) -> np.ndarray:
-        total = sum(np.nan_to_num(v, nan=0.0) for v in logps.values())
-        total = total - total.max(axis=1, keepdims=True)
-        p = np.exp(total)
-        return p / p.sum(axis=1, keepdims=True)
-
-    def predict_proba(self, index: np.ndarray) -> np.ndarray:
-        return self._fuse(self._modality_logp(self.models_, index))
-
-    def modality_probs(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        return {m: np.exp(v) for m, v in self._modality_logp(self.models_, index).items()}
-
-    def predict_proba_mc(self, index: np.ndarray, n_samples: int) -> np.ndarray:
-        return np.stack([self._fuse(self._modality_logp(models, index)) for models in self._committee(n_samples)])
-
-    def modality_probs_mc(self, index: np.ndarray, n_samples: int) -> dict[str, np.ndarray]:
-        samples = [self._modality_logp(models, index) for models in self._committee(n_samples)]
-        return {m: np.exp(np.stack([sample[m] for sample in samples])) for m in MODALITIES}
-
-    def embed(self, index: np.ndarray) -> np.ndarray:
-        return self.embedding[index]
+    started = time.time()
+    keras.utils.clear_session()  # every round builds a fresh model; drop the last one's graph state
+    model = train_model(subset(data.X, train), data.y[train], groups=data.speaker[train], config=DEFAULT_CONFIG,
+                        labels=LABELS, seed=13 + seed)
+    predicted = np.asarray(LABELS, dtype=object)[model.predict_proba(subset(data.X, evaluation)).argmax(axis=1)]
+    macro_f1 = float(f1_score(data.y[evaluation].astype(str), predicted.astype(str), average="macro",
+                              labels=list(LABELS), zero_division=0))
+    watch_predictions = model.predict_proba(subset(data.X, watch)).argmax(axis=1)
+    scores = score_features(model, data.features.take(pa.array(candidates)), LABELS, model_version="bench",
+                            run_id="bench")
+    return Round(int(train.size), macro_f1, watch_predictions, candidates, scores, time.time() - started)
 
 
-class KerasFusion:
-    """The production ``FusionClassifier`` behind the same interface (per-modality predictions by
-    masking the other modalities, MC dropout, the fused embedding)."""
+def select_like_nightly(scores: pa.Table, candidates: np.ndarray, data: Dataset, strategy: str, budget: int,
+                        seed: int, scratch: Path) -> np.ndarray:
+    """Dataset rows the nightly build's selection picks from these scores (one partition, no
+    exclusions: the candidates are the unlabeled pool)."""
+    from core.io import write_parquet
+    from core.layout import DataLayout
+    from tasks.select import select_from_shortlists, shortlist_partition
 
-    def __init__(self, data: Dataset, pool: np.ndarray, epochs: int = 30, fusion: str = "gated", seed: int = 0) -> None:
-        from model.inputs import PAD_TOKEN
-
-        self.data, self.epochs, self.fusion, self.seed = data, epochs, fusion, seed
-        n = len(data)
-        spec = FeatureSpec()
-        tokens = np.full((n, spec.max_tokens), PAD_TOKEN, dtype=object)
-        for i, words in enumerate(data.tokens):
-            words = words[: spec.max_tokens]
-            tokens[i, : len(words)] = words
-        # The same named inputs ``model.inputs.arrays_from_features`` builds from a features table.
-        self.X = {
-            "image": data.image[..., None], "tokens": tokens, "logmel": data.logmel, "prosody": data.prosody,
-            **{f"{m}_present": data.present[:, [k]].astype(np.float32) for k, m in enumerate(MODALITIES)},
-        }
-        self.model_: Any = None
-
-    def _rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        from model.inputs import subset
-
-        return subset(self.X, index)
-
-    def fit(self, index: np.ndarray, y: np.ndarray) -> "KerasFusion":
-        from model.estimator import FusionClassifier
-
-        labels = list(self.data.labels)
-        self.model_ = FusionClassifier(labels, fusion=self.fusion, epochs=self.epochs, seed=self.seed)
-        # No speaker groups here: with 2-3 actors in the pool, holding out a whole actor for
-        # early stopping would take a third of the (scarce, most informative) audio away.
-        self.model_.fit(self._rows(index), np.asarray(labels)[y])
-        return self
-
-    def predict_proba(self, index: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model_.predict_proba(self._rows(index)))
-
-    def predict_proba_mc(self, index: np.ndarray, n_samples: int) -> np.ndarray:
-        return np.asarray(self.model_.predict_proba_mc(self._rows(index), n_samples))
-
-    def modality_probs(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        from model.inputs import mask_modalities, subset
-
-        rows = self._rows(index)
-        out = {}
-        for k, m in enumerate(MODALITIES):
-            p = np.full((index.size, len(self.data.labels)), np.nan)
-            has = self.data.present[index, k]
-            if has.any():
-                p[has] = self.model_.predict_proba(mask_modalities(subset(rows, has), [m]))
-            out[m] = p
-        return out
-
-    def modality_probs_mc(self, index: np.ndarray, n_samples: int) -> dict[str, np.ndarray]:
-        from model.inputs import mask_modalities, subset
-
-        rows = self._rows(index)
-        out = {}
-        for k, m in enumerate(MODALITIES):
-            p = np.full((n_samples, index.size, len(self.data.labels)), np.nan)
-            has = self.data.present[index, k]
-            if has.any():
-                p[:, has] = self.model_.predict_proba_mc(mask_modalities(subset(rows, has), [m]), n_samples)
-            out[m] = p
-        return out
-
-    def embed(self, index: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model_.embed(self._rows(index)))
-
-
-def make_learner(kind: str, data: Dataset, pool: np.ndarray, seed: int, epochs: int) -> Learner:
-    if kind == "logreg":
-        return LogRegFusion(data, pool, seed=seed)
-    if kind == "fusion":
-        return KerasFusion(data, pool, epochs=epochs, seed=seed)
-    raise ValueError(f"unknown model {kind!r}")
+    part = write_parquet(scores, scratch / "scores-00000.parquet")
+    ids = data.record_ids[candidates].tolist()
+    records = write_parquet(pa.table({"record_id": pa.array(ids, pa.string()),
+                                      **{m: pa.nulls(len(ids), pa.string()) for m in ("text", "image", "audio")}}),
+                            scratch / "records-00000.parquet")
+    shortlist, n_eligible = shortlist_partition(part, 0, 1, scratch / "shortlist-00000.parquet",
+                                                DataLayout(scratch / "data"), list(LABELS), strategy, budget,
+                                                scored=True, seed=seed)
+    result = select_from_shortlists([shortlist], [records], budget, scratch / "selection.parquet", strategy,
+                                    n_eligible, scored=True, seed=seed)
+    row_of = {rid: row for rid, row in zip(ids, candidates)}
+    return np.array(sorted(row_of[rid] for rid in result.selected_ids), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -377,62 +206,34 @@ class Curve:
 
 
 def run_curve(strategy: str, seed: int, data: Dataset, pool: np.ndarray, evaluation: np.ndarray,
-              seed_index: np.ndarray, args: argparse.Namespace) -> Curve:
-    """One learning curve: seed labels, then ``args.rounds`` rounds of selection + retraining."""
-    from sklearn.metrics import f1_score
-
-    started = time.time()
+              seed_index: np.ndarray, first: Round, watch: np.ndarray, args: argparse.Namespace,
+              scratch: Path) -> Curve:
+    """One learning curve from the seed round's ``first`` (shared by the seed's strategies)."""
     curve = Curve(strategy, seed)
     labeled = np.zeros(len(data), dtype=bool)
     labeled[seed_index] = True
-    in_pool = np.zeros(len(data), dtype=bool)
-    in_pool[pool] = True
-    # The stopping signal watches a fixed sample of the pool (it never needs labels).
-    watch = pool[selection.stable_sample(data.record_ids[pool].tolist(), min(200, pool.size))]
     signal = selection.StabilizingPredictions(window=args.stop_window, threshold=args.stop_threshold)
-    learner = make_learner(args.model, data, pool, seed, args.epochs)
-    needs = {
-        "mc": strategy.removeprefix("diverse_") == "bald",
-        "modalities": strategy.removeprefix("diverse_") in ("disagreement", "modality_entropy") or strategy == "hybrid",
-        "modality_mc": "modality_bald" in strategy or (strategy == "hybrid" and args.hybrid_mc),
-    }
+    current = first
     for round_no in range(args.rounds + 1):
-        train = np.flatnonzero(labeled)
-        learner.fit(train, data.y[train])
-        predicted = learner.predict_proba(evaluation).argmax(axis=1)
-        curve.labels.append(int(train.size))
-        curve.macro_f1.append(float(f1_score(data.y[evaluation], predicted, average="macro",
-                                             labels=np.arange(len(data.labels)), zero_division=0)))
-        curve.kappa.append(signal.update(learner.predict_proba(watch).argmax(axis=1)))
+        curve.labels.append(current.labels)
+        curve.macro_f1.append(current.macro_f1)
+        curve.kappa.append(signal.update(current.watch_predictions))
+        curve.seconds += current.seconds
         if signal.should_stop and curve.stop_at is None:
-            curve.stop_at = int(train.size)
+            curve.stop_at = current.labels
         if round_no == args.rounds:
             break
+        started = time.time()
+        picks = select_like_nightly(current.scores, current.candidates, data, strategy, args.batch,
+                                    seed * 1000 + round_no, scratch)
+        labeled[picks] = True  # the oracle answers with the gold label (data.y)
+        train = np.flatnonzero(labeled)
         candidates = pool[~labeled[pool]]
-        picks = _select(strategy, learner, candidates, needs, args, seed * 1000 + round_no)
-        labeled[candidates[picks]] = True  # the oracle answers with the gold label (data.y)
-    curve.seconds = time.time() - started
+        current = train_and_score(data, train, candidates, evaluation, watch, seed)
+        current.seconds = time.time() - started  # selection included
+        print(f"    seed {seed} {strategy} round {round_no + 1}: {current.labels} labels, "
+              f"macro-F1 {current.macro_f1:.3f} ({current.seconds:.0f}s)", file=sys.stderr, flush=True)
     return curve
-
-
-def _select(strategy: str, learner: Learner, candidates: np.ndarray, needs: dict[str, bool],
-            args: argparse.Namespace, seed: int) -> np.ndarray:
-    """Ask ``model.selection.select`` for ``args.batch`` of the unlabeled candidates."""
-    kwargs: dict[str, Any] = {}
-    if strategy != "random":
-        kwargs["probs"] = learner.predict_proba(candidates)
-        kwargs["embeddings"] = learner.embed(candidates)
-    if needs["mc"]:
-        kwargs["mc_probs"] = learner.predict_proba_mc(candidates, args.mc_samples)
-    if needs["modalities"]:
-        kwargs["modality_probs"] = learner.modality_probs(candidates)
-    if needs["modality_mc"]:
-        kwargs["modality_mc_probs"] = learner.modality_probs_mc(candidates, args.mc_samples)
-    if strategy == "random":
-        kwargs["eligible_mask"] = np.ones(candidates.size, dtype=bool)
-    return selection.select(strategy, args.batch, class_balance=not args.no_class_balance,
-                            max_class_share=args.max_class_share, candidate_factor=args.candidate_factor,
-                            random_share=args.random_share, seed=seed, **kwargs)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -446,7 +247,9 @@ def labels_to_reach(labels: list[int], mean_f1: np.ndarray, target: float) -> in
     return None
 
 
-def summarize(curves: list[Curve], strategies: list[str]) -> dict[str, Any]:
+def summarize(curves: list[Curve], strategies: list[str], chosen: str | None = None) -> dict[str, Any]:
+    """Mean/std curves, labels each strategy needs to reach random's final macro-F1, and the
+    ratio for ``chosen`` (or, when None, for the best strategy of this run: what ``--eval val`` picks)."""
     by_strategy = {s: [c for c in curves if c.strategy == s] for s in strategies}
     labels = by_strategy[strategies[0]][0].labels
     stats = {}
@@ -456,18 +259,21 @@ def summarize(curves: list[Curve], strategies: list[str]) -> dict[str, Any]:
     reference = "random" if "random" in stats else strategies[0]
     target = float(stats[reference]["mean"][-1])
     needed = {s: labels_to_reach(labels, stats[s]["mean"], target) for s in strategies}
-    reachers = [s for s in strategies if s != reference and needed[s] is not None]
-    best = min(reachers, key=lambda s: (needed[s], -stats[s]["mean"][-1])) if reachers else \
-        max((s for s in strategies if s != reference), key=lambda s: stats[s]["mean"][-1], default=reference)
-    ratio = needed[best] / labels[-1] if needed.get(best) is not None else None
+    others = [s for s in strategies if s != reference]
+    # Fewest labels to reach random's final figure; ties (and never reaching it) by the mean over the curve.
+    best = min(others, key=lambda s: (needed[s] if needed[s] is not None else np.inf, -stats[s]["mean"].mean()),
+               default=reference)
+    reported = chosen or best
+    ratio = needed[reported] / labels[-1] if needed.get(reported) is not None else None
     return {"labels": labels, "stats": stats, "target": target, "needed": needed, "best": best,
-            "ratio": ratio, "reference": reference}
+            "chosen": reported, "ratio": ratio, "reference": reference}
 
 
 def print_report(summary: dict[str, Any], curves: list[Curve], strategies: list[str], args: argparse.Namespace) -> None:
     labels = summary["labels"]
     name_width = max(len(s) for s in strategies) + 2
-    print(f"\nmacro-F1 on the {args.eval} split (mean±std over {len(args.seeds)} seeds), model={args.model}")
+    print(f"\nmacro-F1 on the {args.eval} split (mean±std over {len(args.seeds)} seeds), "
+          f"model: train_model(DEFAULT_CONFIG)")
     print("labels".ljust(name_width) + "".join(f"{n:>12d}" for n in labels))
     for s in strategies:
         st = summary["stats"][s]
@@ -476,14 +282,16 @@ def print_report(summary: dict[str, Any], curves: list[Curve], strategies: list[
     for s in strategies:
         n = summary["needed"][s]
         shown = f"{n} ({n / labels[-1]:.0%} of {labels[-1]})" if n is not None else f"not reached by {labels[-1]}"
-        print(f"  {s.ljust(name_width)}{shown}")
+        mark = "  <- chosen on validation" if s == summary["chosen"] and args.eval == "test" else \
+            ("  <- best here" if s == summary["best"] and args.eval == "val" else "")
+        print(f"  {s.ljust(name_width)}{shown}{mark}")
     print(f"\nstopping signal (kappa average, window {args.stop_window}, threshold {args.stop_threshold}) "
-          f"and seconds per curve:")
+          f"and seconds per curve (the shared seed round included):")
     for s in strategies:
         group = [c for c in curves if c.strategy == s]
         last = [c.kappa[-1] for c in group if c.kappa[-1] is not None]
         stops = [c.stop_at for c in group if c.stop_at is not None]
-        print(f"  {s.ljust(name_width)}final kappa avg {np.mean(last):.3f}; "
+        print(f"  {s.ljust(name_width)}final kappa avg {np.mean(last) if last else float('nan'):.3f}; "
               f"fired in {len(stops)}/{len(group)} runs" + (f" (at {int(np.median(stops))} labels)" if stops else "")
               + f"; {np.mean([c.seconds for c in group]):.0f}s")
 
@@ -501,7 +309,8 @@ def save_plot(summary: dict[str, Any], strategies: list[str], path: Path, title:
     for s in strategies:
         st = summary["stats"][s]
         style = {"color": "black", "linewidth": 2.5} if s == summary["reference"] else {}
-        (line,) = ax.plot(labels, st["mean"], marker="o", markersize=3, label=s, **style)
+        name = f"{s} (chosen on validation)" if s == summary["chosen"] and s != summary["reference"] else s
+        (line,) = ax.plot(labels, st["mean"], marker="o", markersize=3, label=name, **style)
         ax.fill_between(labels, st["mean"] - st["std"], st["mean"] + st["std"], alpha=0.08, color=line.get_color())
     ax.axhline(summary["target"], color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("labels")
@@ -517,6 +326,11 @@ def save_plot(summary: dict[str, Any], strategies: list[str], path: Path, title:
     return path
 
 
+def curves_summary(summary: dict[str, Any], strategies: list[str]) -> dict[str, Any]:
+    return {s: {"mean": [round(float(v), 4) for v in summary["stats"][s]["mean"]],
+                "std": [round(float(v), 4) for v in summary["stats"][s]["std"]]} for s in strategies}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -524,40 +338,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
-    parser.add_argument("--model", choices=("logreg", "fusion"), default="logreg")
-    parser.add_argument("--epochs", type=int, default=30, help="fusion model epochs per retraining")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES))
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--chosen", default=None,
+                        help="--eval test: the strategy chosen on validation (default: the product's default)")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch", type=int, default=35)
     parser.add_argument("--seed-labels", type=int, default=70)
     parser.add_argument("--seeds", default="0,1,2", type=lambda v: [int(x) for x in v.split(",")])
     parser.add_argument("--eval", choices=("test", "val"), default="test",
-                        help="val: tune on a speaker-independent split of the pool; test: report")
+                        help="val: choose on a speaker-independent split of the pool; test: report")
     parser.add_argument("--test-speakers", default="ravdess-actor-04")
     parser.add_argument("--val-speakers", default="ravdess-actor-03")
     parser.add_argument("--test-share", type=float, default=0.25)
     parser.add_argument("--val-share", type=float, default=0.2)
-    parser.add_argument("--max-class-share", type=float, default=0.4)
-    parser.add_argument("--no-class-balance", action="store_true")
-    parser.add_argument("--candidate-factor", type=float, default=5.0)
-    parser.add_argument("--random-share", type=float, default=0.0)
-    parser.add_argument("--hybrid-mc", action="store_true", help="hybrid uses per-modality BALD (MC samples) instead of per-modality entropy")
-    parser.add_argument("--mc-samples", type=int, default=5)
     parser.add_argument("--stop-window", type=int, default=3)
     parser.add_argument("--stop-threshold", type=float, default=0.99)
     parser.add_argument("--tag", default="", help="suffix for the output files")
+    parser.add_argument("--resume-from", type=Path, action="append", default=[],
+                        help="a curves JSON of an earlier run with the same protocol: its finished curves are reused")
     return parser.parse_args(argv)
 
 
+# What makes two runs' curves interchangeable (the strategies and seeds say which curves).
+PROTOCOL_ARGS = ("eval", "rounds", "batch", "seed_labels", "test_speakers", "val_speakers", "test_share", "val_share")
+
+
+def resumed_curves(paths: list[Path], args: argparse.Namespace, strategies: list[str]) -> dict[tuple[str, int], Curve]:
+    """Finished curves of earlier runs with this protocol, by (strategy, seed)."""
+    found: dict[tuple[str, int], Curve] = {}
+    for path in paths:
+        saved = json.loads(path.read_text())
+        if any(saved["args"].get(k) != str(getattr(args, k)) for k in PROTOCOL_ARGS):
+            raise SystemExit(f"{path} was run with another protocol; not resuming from it")
+        for item in saved["curves"]:
+            curve = Curve(**item)
+            if curve.strategy in strategies and curve.seed in args.seeds:
+                found[(curve.strategy, curve.seed)] = curve
+    return found
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from core.io import atomic_write_json
+    from core.settings import Settings
+    from tasks.select import nightly_strategies
+
     args = parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = set(strategies) - set(selection.STRATEGIES)
-    if unknown:
-        raise SystemExit(f"unknown strategies {sorted(unknown)}; choose from {selection.STRATEGIES}")
+    chosen = None
+    if args.eval == "test":
+        chosen = args.chosen or Settings.model_fields["selection_strategy"].default
+        if chosen not in strategies:
+            strategies.append(chosen)
+    not_nightly = set(strategies) - set(nightly_strategies())
+    if not_nightly:
+        raise SystemExit(f"the nightly build cannot run {sorted(not_nightly)}; choose from {nightly_strategies()}")
     if not (args.data / "manifest.jsonl").exists():
         raise SystemExit(f"no realmix data at {args.data}")
-    data = load_dataset(args.data, args.out / "realmix_features.npz")
+    data = load_dataset(args.data, args.out)
     everything = np.arange(len(data))
     pool, test = speaker_independent_split(data.y, data.speaker, everything,
                                            set(args.test_speakers.split(",")), args.test_share, seed=12345)
@@ -566,38 +403,62 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                      set(args.val_speakers.split(",")), args.val_share, seed=54321)
     else:
         evaluation = test
-    print(f"{len(data)} records: pool {pool.size}, {args.eval} {evaluation.size}; model={args.model}; "
-          f"seed {args.seed_labels} + {args.rounds} x {args.batch} labels; seeds {args.seeds}", file=sys.stderr)
+    print(f"{len(data)} records: pool {pool.size}, {args.eval} {evaluation.size}; model train_model(DEFAULT_CONFIG); "
+          f"seed {args.seed_labels} + {args.rounds} x {args.batch} labels; seeds {args.seeds}; "
+          f"strategies {strategies}", file=sys.stderr, flush=True)
+    # The stopping signal watches a fixed sample of the pool (it never needs labels).
+    watch = pool[selection.stable_sample(data.record_ids[pool].tolist(), min(200, pool.size))]
+    tag = f"_{args.tag}" if args.tag else ""
+    stem = args.out / f"active_learning_{args.eval}{tag}"
 
     curves: list[Curve] = []
-    for seed in args.seeds:
-        seed_index = stratified_seed(data.y, pool, args.seed_labels, seed)
-        for strategy in strategies:
-            curve = run_curve(strategy, seed, data, pool, evaluation, seed_index, args)
-            curves.append(curve)
-            print(f"seed {seed} {strategy:>22s}: " + " ".join(f"{v:.3f}" for v in curve.macro_f1)
-                  + f"  ({curve.seconds:.0f}s)", file=sys.stderr, flush=True)
+    done = resumed_curves(args.resume_from, args, strategies)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="affectloop-al-") as tmp:
+        for seed in args.seeds:
+            curves += [done[(s, seed)] for s in strategies if (s, seed) in done]
+            todo = [s for s in strategies if (s, seed) not in done]
+            if done:
+                print(f"seed {seed}: reusing {[s for s in strategies if (s, seed) in done]}", file=sys.stderr)
+            if not todo:
+                continue
+            seed_index = stratified_seed(data.y, pool, args.seed_labels, seed)
+            first = train_and_score(data, seed_index, pool[~np.isin(pool, seed_index)], evaluation, watch, seed)
+            print(f"seed {seed}: seed round {first.labels} labels, macro-F1 {first.macro_f1:.3f} "
+                  f"({first.seconds:.0f}s)", file=sys.stderr, flush=True)
+            for strategy in todo:
+                scratch = Path(tmp) / f"{seed}-{strategy}"
+                scratch.mkdir()
+                curve = run_curve(strategy, seed, data, pool, evaluation, seed_index, first, watch, args, scratch)
+                curves.append(curve)
+                print(f"seed {seed} {strategy:>26s}: " + " ".join(f"{v:.3f}" for v in curve.macro_f1)
+                      + f"  ({time.time() - started:.0f}s so far)", file=sys.stderr, flush=True)
+                # Every curve so far, so an interrupted run still leaves its figures.
+                atomic_write_json(stem.with_suffix(".json"), {"args": {k: str(v) for k, v in vars(args).items()},
+                                                              "curves": [asdict(c) for c in curves]})
 
-    summary = summarize(curves, strategies)
+    summary = summarize(curves, strategies, chosen)
     print_report(summary, curves, strategies, args)
-    tag = f"_{args.tag}" if args.tag else ""
-    png = save_plot(summary, strategies, args.out / f"active_learning_{args.model}_{args.eval}{tag}.png",
-                    f"realmix, {args.model} model, {args.eval} split, {len(args.seeds)} seeds")
+    png = save_plot(summary, strategies, stem.with_suffix(".png"),
+                    f"realmix, train_model(DEFAULT_CONFIG), {args.eval} split, {len(args.seeds)} seeds")
     print(f"\nplot: {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
-    # Every curve, so the table and plot can be redrawn or compared without rerunning.
-    from core.io import atomic_write_json
-
-    atomic_write_json(png.with_suffix(".json"), {"args": {k: str(v) for k, v in vars(args).items()},
-                                                 "curves": [asdict(c) for c in curves]})
+    if args.eval == "val":
+        atomic_write_json(args.out / CHOICE_FILE, {"chosen": summary["best"], "labels_ratio_on_val": summary["ratio"],
+                                                   "needed": summary["needed"], "seeds": args.seeds})
     result = {
         "labels_ratio_best_vs_random": None if summary["ratio"] is None else round(summary["ratio"], 3),
-        "best_strategy": summary["best"],
+        "best_strategy": summary["chosen"],
+        "chosen_on": "val",
+        "eval_split": args.eval,
         "final_macro_f1": {s: round(float(summary["stats"][s]["mean"][-1]), 4) for s in strategies},
         "labels_to_reach_random_final": summary["needed"],
         "random_final_labels": summary["labels"][-1],
-        "model": args.model,
-        "eval_split": args.eval,
+        "labels": summary["labels"],
+        "curves": curves_summary(summary, strategies),
         "seeds": args.seeds,
+        "model": "model.training.train_model(DEFAULT_CONFIG)",
+        "minutes": round((time.time() - started) / 60, 1),  # this process only
+        "curves_resumed": len(done),  # finished curves taken from --resume-from files
     }
     print(json.dumps(result))
     return result

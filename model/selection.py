@@ -27,8 +27,14 @@ Strategies (``select(strategy=...)``):
   ``modality_mc_probs`` is given, else BALD from ``mc_probs``, else ``modality_entropy``, else
   entropy) and modality disagreement, optionally mixed with a share of random picks
   (``random_share``, default 0: on a validation split of realmix a 30% random share did not
-  help). On that validation split ``diverse_modality_entropy`` was the most label-efficient
-  choice (bench/active_learning.py); it is the recommended strategy for the loop.
+  help).
+
+The nightly build has ``probs``, ``modality_probs`` (scoring's per-modality heads) and
+``embeddings``, not MC samples, so every strategy but the BALD ones runs there
+(``tasks.select.nightly_strategies``). Its default, ``modality_entropy``, was the most
+label-efficient of random, ``diverse_entropy``, ``modality_entropy`` and
+``diverse_modality_entropy`` on a realmix validation split with the product's own model
+(``bench/active_learning.py --eval val``, two seeds).
 
 Guards applied by :func:`select`: a record whose ``eligible_mask`` is False (already labeled
 or pending in Label Studio) is never selected; a budget above the eligible pool returns all

@@ -93,8 +93,6 @@ def score_partition(features_path: str | Path, models_dir: str | Path, model_ver
     """Score one features partition with one model version; write scores (+ embeddings) to ``out_path``."""
     import time
 
-    from model.inputs import arrays_from_features
-
     start = time.perf_counter()
     model = load_model_cached(models_dir, model_version)
     if list(model.classes_) != list(labels):
@@ -102,6 +100,21 @@ def score_partition(features_path: str | Path, models_dir: str | Path, model_ver
     # Only the columns the model reads (a feature-vector model skips the pixels and spectrograms).
     needed = getattr(model, "INPUT_COLUMNS", None)
     table = pq.read_table(features_path, columns=["record_id", *needed] if needed else None)
+    out = score_features(model, table, labels, model_version, run_id, with_embeddings,
+                         scored_at or datetime.now(timezone.utc))
+    write_parquet(out, out_path)
+    return ScoreResult(Path(out_path), out.num_rows, time.perf_counter() - start)
+
+
+def score_features(model, table: pa.Table, labels: Sequence[str], model_version: str, run_id: str,
+                   with_embeddings: bool = True, scored_at: datetime | None = None) -> pa.Table:
+    """The scores rows (+ the scratch embedding column) of a features table, for a fitted model.
+
+    What :func:`score_partition` writes; ``bench/active_learning.py`` calls it too, so the
+    benchmark's selection reads exactly what the nightly build's selection reads.
+    """
+    from model.inputs import arrays_from_features
+
     X = arrays_from_features(table)
     by_modality = None  # the seed architecture has no per-modality heads: those columns stay null
     if table.num_rows == 0:
@@ -121,8 +134,7 @@ def score_partition(features_path: str | Path, models_dir: str | Path, model_ver
         dim = int(emb.shape[1]) if emb.ndim == 2 else 1
         flat = pa.array(np.asarray(emb, np.float32).reshape(-1), pa.float32())
         out = out.append_column(EMBEDDING_COLUMN, pa.FixedSizeListArray.from_arrays(flat, dim))
-    write_parquet(out, out_path)
-    return ScoreResult(Path(out_path), out.num_rows, time.perf_counter() - start)
+    return out
 
 
 def predicted_label_counts(score_parts: Sequence[str | Path]) -> dict[str, int]:

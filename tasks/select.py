@@ -1,9 +1,9 @@
 """Selection stage: choose which of this run's records go to annotators, where the data is.
 
 Two steps, so the flow process never holds the run's data: one Dask task per partition
-(:func:`shortlist_partition`) reads that partition's scratch scores (probabilities + fused
-embeddings) — or at cold start (no production model) its features, turned into compact
-model-free vectors — and writes a shortlist of its best candidates; one task
+(:func:`shortlist_partition`) reads that partition's scratch scores (fused and per-modality
+probabilities + fused embeddings) — or at cold start (no production model) its features,
+turned into compact model-free vectors — and writes a shortlist of its best candidates; one task
 (:func:`select_from_shortlists`) asks ``model.selection.select`` over the union of the
 shortlists and writes the selection. Records already labeled, already pushed to Label
 Studio or still pending a push are never eligible.
@@ -35,8 +35,13 @@ from tasks.score import EMBEDDING_COLUMN
 
 SELECTION_COLUMNS = ["record_id", "text", "image", "audio", "predicted_label", "confidence", "model_version",
                      "modalities"]
-# What the nightly scoring pass gives selection: calibrated probabilities and fused embeddings.
-SCORING_OUTPUTS = frozenset({"probs", "embeddings"})
+# What the nightly scoring pass gives selection: calibrated fused probabilities, each modality's
+# calibrated probabilities (the scores' ``p_<modality>_<label>`` columns, null where the record
+# lacks the modality) and fused embeddings. No MC-dropout samples: BALD needs a pass per sample.
+SCORING_OUTPUTS = frozenset({"probs", "modality_probs", "embeddings"})
+# The view that stands in for the modalities of a record scored without per-modality heads
+# (the seed architecture writes its p_<modality>_* null): its fused prediction, as one view.
+FUSED_VIEW = "fused"
 
 
 def nightly_strategies() -> tuple[str, ...]:
@@ -91,14 +96,61 @@ def _score_name(strategy: str) -> str:
     return strategy.removeprefix("diverse_")
 
 
+def modality_views(by_modality: dict[str, np.ndarray | None], probs: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-modality predictions ``model.selection`` scores: modality -> (N, C), NaN rows where
+    a record lacks that modality (the convention of ``model.selection``: NaN = absent).
+
+    ``by_modality[m]`` may be None (no such columns). A record with no modality view at all
+    (scored by a model without per-modality heads) gets its fused probabilities as its only
+    view under :data:`FUSED_VIEW`, so the modality strategies reduce to their fused forms
+    for it instead of scoring it 0.
+    """
+    n, c = probs.shape
+    views = {m: np.full((n, c), np.nan) if by_modality.get(m) is None else np.array(by_modality[m], np.float64)
+             for m in MODALITIES}
+    has_view = np.zeros(n, dtype=bool)
+    for m in MODALITIES:
+        views[m][~np.isfinite(views[m]).all(axis=1)] = np.nan  # a partly missing row counts as absent
+        has_view |= np.isfinite(views[m]).all(axis=1)
+    fused = np.full((n, c), np.nan)
+    fused[~has_view] = np.asarray(probs, np.float64)[~has_view]
+    views[FUSED_VIEW] = fused
+    return views
+
+
+def scored_modality_probs(table: pa.Table, labels: Sequence[str]) -> dict[str, np.ndarray | None]:
+    """Each modality's probabilities from a scores table's ``p_<modality>_<label>`` columns
+    (nulls -> NaN rows); None for a modality whose columns the table does not have."""
+    out: dict[str, np.ndarray | None] = {}
+    for m in MODALITIES:
+        names = [f"p_{m}_{label}" for label in labels]
+        if not all(name in table.column_names for name in names):
+            out[m] = None
+            continue
+        cols = [np.asarray(table.column(name).to_numpy(zero_copy_only=False), np.float64) for name in names]
+        out[m] = np.stack(cols, axis=1) if table.num_rows else np.zeros((0, len(labels)))
+    return out
+
+
+def _matrix_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, C) float -> a fixed-size list column (NaN values kept: an absent modality's row)."""
+    matrix = np.asarray(matrix, np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), matrix.shape[1])
+
+
+def _column_matrix(table: pa.Table, name: str, width: int) -> np.ndarray:
+    return np.asarray(table.column(name).combine_chunks().flatten(), np.float64).reshape(table.num_rows, width)
+
+
 def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: str | Path, layout: DataLayout,
                         labels: Sequence[str], strategy: str, budget: int, scored: bool, seed: int = 0
                         ) -> tuple[Path, int]:
     """One partition's candidates for the batch (on a Dask worker; only the shortlist leaves).
 
-    ``scored``: ``part`` is a scores scratch file (probabilities + fused embeddings) and the
-    shortlist is the partition's top candidates by the strategy's score (by a stable
-    random key for ``random``); otherwise ``part`` is a features file (cold start) and the
+    ``scored``: ``part`` is a scores scratch file (fused and per-modality probabilities + fused
+    embeddings) and the shortlist is the partition's top candidates by the strategy's score (by
+    a stable random key for ``random``; ``hybrid``'s rank blend is taken within the partition);
+    the shortlist carries the per-modality probabilities on to the final selection. Otherwise ``part`` is a features file (cold start) and the
     shortlist is a hash-drawn sample of its records with their model-free vectors. Records
     excluded from selection never enter a shortlist. Returns (shortlist path, eligible count).
     """
@@ -108,6 +160,7 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
         ids = table.column("record_id").to_pylist()
         probs = np.stack([table.column(f"p_{label}").to_numpy() for label in labels], axis=1).astype(np.float32) \
             if ids else np.zeros((0, len(labels)), np.float32)
+        by_modality = scored_modality_probs(table, labels)
         vectors = np.asarray(table.column(EMBEDDING_COLUMN).combine_chunks().flatten(), np.float32)
         predicted = table.column("predicted_label").cast(pa.string())
         confidence = table.column("confidence")
@@ -116,7 +169,7 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
     else:
         table = pq.read_table(part)
         ids = table.column("record_id").to_pylist()
-        probs = None
+        probs, by_modality = None, {}
         vectors = cold_start_vectors(table).astype(np.float32)
         predicted = pa.nulls(len(ids), pa.string())
         confidence = pa.nulls(len(ids), pa.float32())
@@ -128,7 +181,8 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
     if not scored or strategy == "random":
         order = eligible[np.argsort(_sample_keys([ids[i] for i in eligible], seed), kind="stable")]
     else:
-        scores = uncertainty_scores(_score_name(strategy) if strategy != "hybrid" else "entropy", probs=probs)
+        scores = uncertainty_scores(_score_name(strategy), probs=probs,
+                                    modality_probs=modality_views(by_modality, probs))
         order = eligible[np.argsort(-scores[eligible], kind="stable")]
     keep = np.sort(order[:keep_n])  # the partition's own order: the union is the run's order, restricted
     take = pa.array(keep.astype(np.int64))
@@ -142,6 +196,10 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
         "predicted_label": predicted.take(take), "confidence": confidence.take(take),
         "model_version": version.take(take), "modalities": modalities.take(take),
     })
+    for m in MODALITIES:
+        per = by_modality.get(m)
+        if per is not None:
+            shortlist = shortlist.append_column(f"probs_{m}", _matrix_column(per[keep]))
     return write_parquet(shortlist, out_path), int(eligible.size)
 
 
@@ -181,7 +239,12 @@ def select_from_shortlists(shortlist_paths: Sequence[str | Path], record_parts: 
         else:
             probs = np.asarray(union.column("probs").combine_chunks().flatten(), np.float32).reshape(n, -1) \
                 if scored else None
-            picks = select(used, budget, probs=probs, embeddings=vectors, seed=seed)
+            views = None
+            if scored:
+                width = probs.shape[1]
+                views = modality_views({m: _column_matrix(union, f"probs_{m}", width)
+                                        if f"probs_{m}" in union.column_names else None for m in MODALITIES}, probs)
+            picks = select(used, budget, probs=probs, modality_probs=views, embeddings=vectors, seed=seed)
     if n and "modalities" not in union.column_names:  # a shortlist written before the per-modality line
         union = union.append_column("modalities", pa.nulls(n, pa.string()))
     info = union.select(["record_id", "predicted_label", "confidence", "model_version", "modalities"]) if n else None

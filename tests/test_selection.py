@@ -359,3 +359,213 @@ def test_cold_start_over_partition_samples_equals_one_selection_when_the_sample_
     assert result.strategy == "cold_start"
     in_memory = selection.select("cold_start", 6, embeddings=emb, seed=1)
     assert sorted(result.selected_ids) == sorted(ids[i] for i in in_memory)
+
+
+# ------------------------------------------------------------------ the modality strategies in the nightly build
+
+MODALITY_STRATEGIES = ("modality_entropy", "diverse_modality_entropy", "disagreement", "diverse_disagreement", "hybrid")
+
+
+def test_nightly_build_runs_the_modality_strategies_scoring_feeds_and_refuses_the_mc_ones() -> None:
+    from core.settings import Settings
+    from tasks.select import SCORING_OUTPUTS, check_strategy, nightly_strategies
+
+    assert "modality_probs" in SCORING_OUTPUTS
+    assert set(MODALITY_STRATEGIES) <= set(nightly_strategies())
+    for strategy in MODALITY_STRATEGIES:
+        assert check_strategy(strategy) == strategy
+    for strategy in ("bald", "diverse_bald", "modality_bald", "diverse_modality_bald"):
+        assert strategy not in nightly_strategies()
+        with pytest.raises(ValueError, match="mc_probs"):
+            check_strategy(strategy)
+    assert Settings.model_fields["selection_strategy"].default in nightly_strategies()
+
+
+def test_modality_views_mark_absent_modalities_nan_and_stand_in_the_fused_view_without_heads() -> None:
+    from tasks.select import FUSED_VIEW, modality_views
+
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    nan = [np.nan] * 3
+    image = np.array([[0.7, 0.2, 0.1], nan, nan])
+    text = np.array([[0.5, 0.4, 0.1], [0.1, 0.8, 0.1], [0.3, np.nan, 0.7]])  # record 2: a partly missing row
+    views = modality_views({"image": image, "text": text, "audio": None}, probs)
+    assert set(views) == {"image", "text", "audio", FUSED_VIEW}
+    present = {name: np.isfinite(v).all(axis=1).tolist() for name, v in views.items()}
+    assert present == {"image": [True, False, False], "text": [True, True, False], "audio": [False] * 3,
+                       FUSED_VIEW: [False, False, True]}  # record 2 has no modality view: its fused one stands in
+    np.testing.assert_allclose(views[FUSED_VIEW][2], probs[2])
+    # modality_entropy then sums the branches a record carries, and is plain entropy without heads.
+    scores = selection.modality_entropy(views)
+    np.testing.assert_allclose(scores, [selection.entropy(image[:1])[0] + selection.entropy(text[:1])[0],
+                                        selection.entropy(text[1:2])[0], selection.entropy(probs[2:])[0]])
+    assert selection.modality_disagreement(views)[1:].tolist() == [0.0, 0.0]  # nothing to disagree with
+
+
+def _scores_with_modalities(tmp_path, n_parts: int = 3, per_part: int = 40, dim: int = 6, seed: int = 11,
+                            with_heads: bool = True):
+    """Scratch score parts as ``tasks.score`` writes them (``scores_table`` + the embedding column),
+    with per-modality probabilities for the modalities each record carries (None: no heads)."""
+    from core.schemas import DEFAULT_LABELS
+    from datetime import datetime, timezone
+
+    from tasks.score import EMBEDDING_COLUMN, scores_table
+
+    rng = np.random.default_rng(seed)
+    labels = list(DEFAULT_LABELS)
+    paths, fused, views, embeddings, all_ids = [], [], {m: [] for m in ("image", "text", "audio")}, [], []
+
+    def softmax(n):
+        logits = rng.normal(size=(n, len(labels))) * rng.uniform(0.2, 3.0, size=(n, 1))
+        return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+    for p in range(n_parts):
+        ids = [f"p{p}-r{i:03d}" for i in range(per_part)]
+        presence = {"image": rng.random(per_part) < 0.7, "text": np.ones(per_part, bool),
+                    "audio": rng.random(per_part) < 0.3}
+        by_modality = {}
+        for m, present in presence.items():
+            per = softmax(per_part).astype(np.float32)
+            per[~present] = np.nan
+            by_modality[m] = per
+            views[m].append(per)
+        proba = softmax(per_part)
+        emb = rng.normal(size=(per_part, dim)).astype(np.float32)
+        table = scores_table(ids, proba, presence, labels, "v1", "run", datetime.now(timezone.utc),
+                             by_modality=by_modality if with_heads else None)
+        table = table.append_column(EMBEDDING_COLUMN, pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim))
+        path = tmp_path / f"score-{p}.parquet"
+        pq.write_table(table, path)
+        records = pa.table({"record_id": ids, "text": ["t"] * per_part, "image": [None] * per_part,
+                            "audio": [None] * per_part}, schema=pa.schema([("record_id", pa.string()),
+                            ("text", pa.string()), ("image", pa.string()), ("audio", pa.string())]))
+        pq.write_table(records, tmp_path / f"records-{p}.parquet")
+        paths.append(path)
+        fused.append(proba.astype(np.float32))
+        embeddings.append(emb)
+        all_ids += ids
+    return (labels, paths, np.concatenate(fused), {m: np.concatenate(v) for m, v in views.items()},
+            np.concatenate(embeddings), all_ids)
+
+
+def _nightly_selection(tmp_path, labels, parts, strategy: str, budget: int, seed: int):
+    from core.layout import DataLayout
+    from tasks.select import select_from_shortlists, shortlist_partition
+
+    layout = DataLayout(tmp_path / "data")
+    lists = [shortlist_partition(p, i, len(parts), tmp_path / f"short-{strategy}-{i}.parquet", layout, labels,
+                                 strategy, budget, scored=True, seed=seed) for i, p in enumerate(parts)]
+    return select_from_shortlists([path for path, _ in lists], sorted(tmp_path.glob("records-*.parquet")), budget,
+                                  tmp_path / f"selection-{strategy}.parquet", strategy, sum(n for _, n in lists),
+                                  scored=True, seed=seed)
+
+
+@pytest.mark.parametrize("strategy", ["modality_entropy", "diverse_modality_entropy", "disagreement",
+                                      "diverse_disagreement"])
+def test_modality_strategies_over_shortlists_pick_what_one_in_memory_selection_picks(tmp_path, strategy):
+    """The per-modality probabilities travel from the scores parts through the shortlists; the
+    picks are those of ``select`` over the whole run with the same per-modality arrays."""
+    labels, parts, probs, by_modality, emb, ids = _scores_with_modalities(tmp_path)
+    budget = 5
+    result = _nightly_selection(tmp_path, labels, parts, strategy, budget, seed=3)
+    # NaN rows (absent modality) are what scoring's null p_<modality>_* columns become.
+    in_memory = selection.select(strategy, budget, probs=probs, modality_probs=by_modality, embeddings=emb, seed=3)
+    assert result.strategy == strategy
+    assert sorted(result.selected_ids) == sorted(ids[i] for i in in_memory)
+    # And the modality score really steered the picks: fused entropy alone picks another batch.
+    by_entropy = _nightly_selection(tmp_path, labels, parts, strategy.replace("modality_", "").replace(
+        "disagreement", "entropy"), budget, seed=3)
+    assert set(result.selected_ids) != set(by_entropy.selected_ids)
+
+
+def test_modality_strategies_on_scores_without_modality_heads_fall_back_to_the_fused_prediction(tmp_path):
+    """The seed architecture writes p_<modality>_* null: modality_entropy is then fused entropy, not zero."""
+    labels, parts, _, _, _, _ = _scores_with_modalities(tmp_path, with_heads=False)
+    for modality_strategy, fused_strategy in (("modality_entropy", "entropy"),
+                                              ("diverse_modality_entropy", "diverse_entropy")):
+        ours = _nightly_selection(tmp_path, labels, parts, modality_strategy, 6, seed=2)
+        fused = _nightly_selection(tmp_path, labels, parts, fused_strategy, 6, seed=2)
+        assert len(ours.selected_ids) == 6 and sorted(ours.selected_ids) == sorted(fused.selected_ids)
+
+
+def _tiny_feature_model(source, data_root) -> str:
+    """Featurise ``source`` into ``data_root``'s cache, fit a tiny ``FeatureFusionClassifier`` (the
+    default architecture: per-modality heads) on the true labels, register and promote it."""
+    import json as _json
+
+    from core.settings import DEFAULT_LABELS
+    from model.feature_model import FeatureFusionClassifier
+    from model.inputs import arrays_from_features
+    from model.registry import ModelRegistry
+    from tasks.features import extract_features
+    from tasks.ingest import find_manifest, ingest_local
+
+    scratch = data_root / "runs" / "fixture"
+    ingest_local(source, scratch, run_id="fixture")
+    root = find_manifest(source).parent
+    tables, truth = [], {}
+    for records in sorted((scratch / "records").glob("*.parquet")):
+        tables.append(pq.read_table(extract_features(records, root, data_root / "features", scratch,
+                                                     "fixture").features_path))
+        t = pq.read_table(records, columns=["record_id", "metadata"])
+        truth.update({r: _json.loads(m)["true_label"] for r, m in zip(t["record_id"].to_pylist(),
+                                                                      t["metadata"].to_pylist())})
+    features = pa.concat_tables(tables)
+    y = np.array([truth[r] for r in features["record_id"].to_pylist()], dtype=object)
+    model = FeatureFusionClassifier(labels=DEFAULT_LABELS, epochs=3, n_members=1, val_fraction=0.0, pca_dim=8,
+                                    embed_dim=8, seed=1).fit(arrays_from_features(features), y)
+    registry = ModelRegistry(data_root / "models")
+    version = registry.register(model, metrics={"macro_f1": 0.0}, training_data_hash="fixture", params={})
+    registry.promote(version)
+    return version
+
+
+@pytest.mark.service
+@pytest.mark.parametrize("strategy", ["diverse_modality_entropy"])
+def test_nightly_build_selects_by_a_modality_strategy_on_a_real_dask_cluster(tmp_path, prefect_api_url, dask_cluster,
+                                                                            strategy):
+    """A real nightly build (Prefect API, external Dask scheduler + workers) with a modality
+    strategy: scoring writes the per-modality probabilities, the workers' shortlists carry them,
+    and the batch is the one ``select`` picks over the run's scores with those arrays."""
+    from pathlib import Path
+
+    from core.layout import DataLayout
+    from core.settings import get_settings
+    from flows.nightly_build import nightly_build
+    from flows.runner import make_task_runner
+    from tasks.select import excluded_from_selection, modality_views, scored_modality_probs
+    from tasks.score import EMBEDDING_COLUMN
+    from tests.pipeline_helpers import make_source
+
+    source = make_source(tmp_path / "source", n=40)
+    data_root = tmp_path / "data"
+    _tiny_feature_model(source, data_root)
+    settings = get_settings(source=str(source), data_root=data_root, dask_address=dask_cluster, partition_size=12)
+    budget = 6
+    result = nightly_build.with_options(task_runner=make_task_runner(settings))(
+        source=str(source), data_root=str(data_root), partition_size=12, annotation_budget=budget,
+        selection_strategy=strategy, push_to_label_studio=False)
+    assert result["cold_start"] is False and result["selected"] == budget
+    select_stage = next(row for row in result["stages"] if row["stage"] == "select")
+    assert select_stage["note"] == strategy  # the strategy that ran, not the cold-start fallback
+
+    parts = sorted((Path(result["run_dir"]) / "scores").glob("part-*.parquet"))
+    assert len(parts) > 1  # several partitions, so the union of the workers' shortlists is exercised
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    labels = list(settings.labels)
+    probs = np.stack([table.column(f"p_{label}").to_numpy() for label in labels], axis=1).astype(np.float32)
+    by_modality = scored_modality_probs(table, labels)
+    # Scoring wrote a modality's probabilities exactly for the records that carry it.
+    for m in ("image", "text", "audio"):
+        has = table.column(f"has_{m}").to_numpy(zero_copy_only=False)
+        assert np.isfinite(by_modality[m]).all(axis=1).tolist() == has.tolist()
+    emb = np.asarray(table.column(EMBEDDING_COLUMN).combine_chunks().flatten(), np.float32).reshape(table.num_rows, -1)
+    ids = table.column("record_id").to_pylist()
+    eligible = np.array([rid not in excluded_from_selection(DataLayout(data_root)) for rid in ids])
+    in_memory = selection.select(strategy, budget, probs=probs, embeddings=emb, eligible_mask=eligible,
+                                 modality_probs=modality_views(by_modality, probs), seed=settings.seed)
+    chosen = pq.read_table(result["selection_path"]).column("record_id").to_pylist()
+    assert sorted(chosen) == sorted(ids[i] for i in in_memory)
+    # Not what the fused probabilities alone would have picked: the per-modality ones were used.
+    fused_only = selection.select(strategy, budget, probs=probs, embeddings=emb, eligible_mask=eligible,
+                                  modality_probs=modality_views({}, probs), seed=settings.seed)
+    assert sorted(chosen) != sorted(ids[i] for i in fused_only)
