@@ -177,7 +177,7 @@ def test_retrain_and_the_benchmark_build_the_same_model(data, tmp_path, monkeypa
     real = training.train_model
 
     def spy(X_, y_, groups=None, config=DEFAULT_CONFIG, labels=LABELS, seed=13):
-        captured["config"], captured["seed"] = config, seed
+        captured["config"], captured["seed"], captured["groups"] = config, seed, groups
         captured["model"] = real(X_, y_, groups=groups, config=config, labels=labels, seed=seed)
         captured["X"], captured["y"] = X_, y_
         return captured["model"]
@@ -198,11 +198,19 @@ def test_retrain_and_the_benchmark_build_the_same_model(data, tmp_path, monkeypa
                        "confidence": [None] * len(ids)}).cast(LABELS_SCHEMA)
     layout.labels.mkdir(parents=True)
     pq.write_table(labels, layout.gold_labels)
+    # Speakers known for every record but the last few: retrain passes them as groups, like the benchmark.
+    speaker_of = {rid: (f"spk{i % 4}" if i < len(ids) - 4 else None) for i, rid in enumerate(ids)}
+    layout.state.mkdir(parents=True)
+    pq.write_table(pa.table({"record_id": ids, "group": [speaker_of[r] for r in ids]},
+                            schema=pa.schema([("record_id", pa.string()), ("group", pa.string())])),
+                   layout.group_index)
     result = retraining.retrain(layout, LABELS, fusion=None, epochs=None, seed=13, min_train=5)
     assert result.version is not None and captured["config"] == TINY and captured["seed"] == bench.SEED
-    # The benchmark's product row on the same training records, through its own entry point.
+    # The benchmark's product row on the same training records and speakers, through its own entry point.
     X_train, y_train = captured["X"], np.asarray(captured["y"])
-    speakers = np.array([None] * len(y_train), dtype=object)
+    speakers = np.asarray(captured["groups"], dtype=object)
+    assert len(speakers) == len(y_train) and {s for s in speakers if s is not None} <= {"spk0", "spk1", "spk2", "spk3"}
+    assert sum(s is not None for s in speakers) > len(speakers) // 2
     predict = bench.train_system("product", X_train, y_train, speakers, np.arange(len(y_train)), quick=False)
     np.testing.assert_allclose(predict(X), captured["model"].predict_proba(X), atol=1e-6)
 
