@@ -82,6 +82,14 @@ def build_feature_network(cfg: FeatureNetworkConfig) -> keras.Model:
     if cfg.fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {cfg.fusion!r}")
     keras.utils.set_random_seed(cfg.seed)
+    # Every kernel gets its own seed from cfg.seed. Keras draws an unseeded initializer's seed
+    # from Python's global `random`, which other threads of the process (Prefect, Dask) also
+    # draw from: the same data and seed then gave different models now and then.
+    seeds = iter(np.random.default_rng(cfg.seed).integers(1, 2**31 - 1, size=64).tolist())
+
+    def kernel_init() -> keras.initializers.Initializer:
+        return keras.initializers.GlorotUniform(seed=next(seeds))
+
     n_labels = len(cfg.labels)
     reg = keras.regularizers.L2(cfg.l2) if cfg.l2 else None
     inputs = {FEATURE_INPUTS[m]: keras.Input((cfg.widths[m],), name=FEATURE_INPUTS[m]) for m in MODALITIES}
@@ -98,13 +106,15 @@ def build_feature_network(cfg: FeatureNetworkConfig) -> keras.Model:
             x = layer(x)
             layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
         x = keras.layers.Dropout(cfg.input_dropout, seed=cfg.seed, name=f"{m}_input_dropout")(x)
-        h = keras.layers.Dense(cfg.embed_dim, activation="relu", kernel_regularizer=reg, name=f"{m}_projection")(x)
+        h = keras.layers.Dense(cfg.embed_dim, activation="relu", kernel_regularizer=reg, kernel_initializer=kernel_init(),
+                               name=f"{m}_projection")(x)
         projections.append(h)
         head_in = x
         if cfg.hidden:
-            head_in = keras.layers.Dense(cfg.hidden, activation="relu", kernel_regularizer=reg, name=f"{m}_hidden")(x)
+            head_in = keras.layers.Dense(cfg.hidden, activation="relu", kernel_regularizer=reg,
+                                         kernel_initializer=kernel_init(), name=f"{m}_hidden")(x)
         d = keras.layers.Dropout(cfg.dropout, seed=cfg.seed, name=f"{m}_dropout")(head_in)
-        z = keras.layers.Dense(n_labels, kernel_regularizer=reg, name=f"{m}_logits")(d)
+        z = keras.layers.Dense(n_labels, kernel_regularizer=reg, kernel_initializer=kernel_init(), name=f"{m}_logits")(d)
         logits.append(z)
     masks = keras.layers.Concatenate(name="presence")([inputs[presence_key(m)] for m in MODALITIES])
     masks = ModalityDropout(cfg.modality_dropout, seed=cfg.seed, name="modality_dropout")(masks)
@@ -116,7 +126,8 @@ def build_feature_network(cfg: FeatureNetworkConfig) -> keras.Model:
         fused = FUSION_LAYERS[cfg.fusion](name="fusion")(projections + [masks])
         embedding = keras.layers.Identity(name="embedding")(fused)
         fused = keras.layers.Dropout(cfg.dropout, seed=cfg.seed, name="head_dropout")(fused)
-        fused_logits = keras.layers.Dense(n_labels, kernel_regularizer=reg, name="fused_logits")(fused)
+        fused_logits = keras.layers.Dense(n_labels, kernel_regularizer=reg, kernel_initializer=kernel_init(),
+                                          name="fused_logits")(fused)
     return keras.Model(inputs=inputs, outputs=[fused_logits, *logits, embedding], name=f"core_{cfg.seed}")
 
 
