@@ -64,7 +64,9 @@ def loop(source: str | None = None, data_root: str | None = None, rounds: int = 
                             "ignored (unknown task/annotator)": synced["n_unknown_tasks"] + synced["n_unknown_annotators"],
                             "overlap raised": synced["n_overlap_raised"]}
             stage.note = f"consensus: {synced['method']}" if synced["method"] else ""
-            stage.counts |= {f"reviews {k}": v for k, v in synced["reviews"].items()}  # they win before retrain
+            # Reviews of suspected label errors are synced with the annotations: they win before retrain.
+            stage.counts |= {"reviews resolved": synced["reviews"]["resolved"],
+                             "flags closed": synced["reviews"]["flags closed"]}
         with report.stage(f"retrain (round {index})") as stage:
             trained = retrain_flow(data_root, fusion=fusion, epochs=epochs)
             stage.counts = {k: trained[f"n_{k}"] for k in ("train", "holdout") if f"n_{k}" in trained}
