@@ -38,9 +38,8 @@ from core.schemas import LABEL_FLAGS_SCHEMA
 from model.label_errors import (DEFAULT_FOLDS, DEFAULT_MAX_FRACTION, DEFAULT_METHOD, MIN_LABELS_PER_CLASS,
                                 find_label_errors, out_of_fold_proba)
 from tasks.artifacts import publish_markdown
-from tasks.labels import load_labels
+from tasks.labels import load_labels, unreviewed_flags
 from tasks.retry import IO_RETRY
-from tasks.labels import unreviewed_flags
 from tasks.training import labeled_features, read_groups
 
 TOP_SUSPECTS = 20  # rows of the artifact's table
