@@ -124,19 +124,17 @@ def flag_with_the_step(table: pa.Table, noisy: np.ndarray, speakers: np.ndarray,
 
     from core.io import write_parquet
     from core.layout import DataLayout
-    from core.schemas import LABELS_SCHEMA
     from tasks.features import feature_store
     from tasks.label_errors import flag_label_errors
+    from tasks.labels import labels_table
 
     with tempfile.TemporaryDirectory(prefix="label-quality-") as tmp:
         layout = DataLayout(Path(tmp) / "data")
         store = feature_store(layout.features)
         ids = table.column("record_id").to_pylist()
         store.commit(store.file_path(ids, table.column("content_hash").to_pylist()), table, {})
-        n = len(ids)
-        write_parquet(pa.table({"record_id": ids, "label": list(noisy), "source": ["gold"] * n,
-                                "annotators": [1] * n, "agreement": [None] * n, "ls_task_id": [None] * n,
-                                "annotated_at": [None] * n}).cast(LABELS_SCHEMA), layout.gold_labels)
+        write_parquet(labels_table([{"record_id": rid, "label": label, "source": "gold", "annotators": 1}
+                                    for rid, label in zip(ids, noisy)]), layout.gold_labels)
         known = [i for i, s in enumerate(speakers) if s]
         write_parquet(pa.table({"record_id": [ids[i] for i in known], "group": [str(speakers[i]) for i in known]}),
                       layout.group_index)

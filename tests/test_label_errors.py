@@ -222,3 +222,23 @@ def test_retrain_flow_flags_first_and_holds_the_flags_out(tmp_path, prefect_api_
             return {a.key for a in await client.read_artifacts()}
 
     assert {"label-flags", "retrain-comparison"} <= asyncio.run(artifact_keys())
+
+
+@pytest.mark.service
+def test_the_label_quality_benchmark_runs_on_real_data_and_ends_with_its_figures(realmix_dir, tmp_path):
+    """bench/label_quality.py --quick on realmix, through the flagging step's own code path:
+    it runs end to end and its last line is the issue's JSON (a contract change broke it once)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "bench" / "label_quality.py"), "--quick", "--seeds", "0",
+                           "--noise-seeds", "0", "--data", str(realmix_dir), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, cwd=repo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"consensus_acc", "annotator_rank_corr", "flag_precision", "flag_recall", "macro_f1"}
+    assert figures["consensus_acc"]["annotator_model"] > figures["consensus_acc"]["majority"]
+    assert 0 <= figures["flag_precision"] <= 1 and set(figures["macro_f1"]) == {"noisy", "cleaned", "clean_reference"}
