@@ -282,6 +282,15 @@ def test_benchmark_split_is_speaker_independent_and_seed_is_stratified() -> None
 # ------------------------------------------------------------------ selection where the data is
 
 
+def _write_text_records(path, ids) -> None:
+    """A records partition for the selection stage: text-only records with these ids."""
+    n = len(ids)
+    schema = pa.schema([("record_id", pa.string()), ("text", pa.string()), ("image", pa.string()),
+                        ("audio", pa.string())])
+    pq.write_table(pa.table({"record_id": ids, "text": ["t"] * n, "image": [None] * n, "audio": [None] * n},
+                            schema=schema), path)
+
+
 def _scored_parts(tmp_path, n_parts: int = 3, per_part: int = 40, dim: int = 6, seed: int = 5):
     """Scratch score parts like the scoring stage writes (probabilities + fused embeddings)."""
     from core.schemas import DEFAULT_LABELS
@@ -301,10 +310,7 @@ def _scored_parts(tmp_path, n_parts: int = 3, per_part: int = 40, dim: int = 6, 
                           EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)})
         path = tmp_path / f"score-{p}.parquet"
         pq.write_table(table, path)
-        records = pa.table({"record_id": ids, "text": ["t"] * per_part, "image": [None] * per_part,
-                            "audio": [None] * per_part}, schema=pa.schema([("record_id", pa.string()),
-                            ("text", pa.string()), ("image", pa.string()), ("audio", pa.string())]))
-        pq.write_table(records, tmp_path / f"records-{p}.parquet")
+        _write_text_records(tmp_path / f"records-{p}.parquet", ids)
         paths.append(path)
         all_probs.append(probs)
         all_emb.append(emb)
@@ -435,10 +441,7 @@ def _scores_with_modalities(tmp_path, n_parts: int = 3, per_part: int = 40, dim:
         table = table.append_column(EMBEDDING_COLUMN, pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim))
         path = tmp_path / f"score-{p}.parquet"
         pq.write_table(table, path)
-        records = pa.table({"record_id": ids, "text": ["t"] * per_part, "image": [None] * per_part,
-                            "audio": [None] * per_part}, schema=pa.schema([("record_id", pa.string()),
-                            ("text", pa.string()), ("image", pa.string()), ("audio", pa.string())]))
-        pq.write_table(records, tmp_path / f"records-{p}.parquet")
+        _write_text_records(tmp_path / f"records-{p}.parquet", ids)
         paths.append(path)
         fused.append(proba.astype(np.float32))
         embeddings.append(emb)
