@@ -52,8 +52,14 @@ def _fixed_list_to_array(column: pa.ChunkedArray | pa.Array, width: int) -> tupl
         # Fast path (every features file): a fixed-size list keeps a slot for null rows too,
         # so the child values are already (N, width) row-aligned; zero the null rows (a null
         # element inside a row reads as NaN and is zeroed below with the other non-finite values).
-        values = column.values.slice(column.offset * width, n * width).to_numpy(zero_copy_only=False)
-        out = np.asarray(values, dtype=np.float32).reshape(n, width).copy()
+        values = column.values.slice(column.offset * width, n * width)
+        if values.type == pa.float32() and values.null_count == (n - int(valid.sum())) * width:
+            # Every null element sits in a null row (zeroed below): straight from the Arrow
+            # buffer, one copy (the caller zeroes rows in place) instead of a NaN-filling conversion.
+            data = values.buffers()[1]
+            out = np.frombuffer(data, dtype=np.float32, count=n * width, offset=values.offset * 4).reshape(n, width).copy()
+        else:
+            out = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, width).copy()
         out[~valid] = 0.0
     else:
         out = np.zeros((n, width), dtype=np.float32)
@@ -131,10 +137,17 @@ def arrays_from_features(table: pa.Table, spec: FeatureSpec | None = None) -> di
     text_present = flag("has_text") & text_ok & vector_ok["text"]
     audio_present = flag("has_audio") & logmel_ok & prosody_ok & vector_ok["audio"]
     # Zero the arrays of absent modalities so a half-filled record cannot leak into the model.
-    image[~image_present] = 0.0
-    tokens[~text_present] = PAD_TOKEN
-    logmel[~audio_present] = 0.0
-    prosody[~audio_present] = 0.0
+    # An array of a column that was not read is zeros already: writing into it would fault in
+    # every page of a (N, 6400) spectrogram that nobody reads (scoring a feature-vector model).
+    read = set(table.column_names)
+    if "image" in read:
+        image[~image_present] = 0.0
+    if "tokens" in read:
+        tokens[~text_present] = PAD_TOKEN
+    if "logmel" in read:
+        logmel[~audio_present] = 0.0
+    if "prosody" in read:
+        prosody[~audio_present] = 0.0
     for modality, present in (("image", image_present), ("text", text_present), ("audio", audio_present)):
         vectors[FEATURE_INPUTS[modality]][~present] = 0.0
     return {

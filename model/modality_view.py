@@ -41,11 +41,10 @@ def disagreement(by_modality: Mapping[str, np.ndarray]) -> np.ndarray:
     if not tops:
         return np.zeros(0, dtype=bool)
     tops = np.stack(tops, axis=1)  # (N, M), -1 = absent
-    out = np.zeros(tops.shape[0], dtype=bool)
-    for i, row in enumerate(tops):
-        seen = row[row >= 0]
-        out[i] = seen.size >= 2 and np.unique(seen).size > 1
-    return out
+    present = tops >= 0
+    # A row disagrees when some present top differs from the first present one.
+    first = tops[np.arange(len(tops)), present.argmax(axis=1)]
+    return (present & (tops != first[:, None])).any(axis=1)
 
 
 def modality_line(probs: Mapping[str, Sequence[float] | None], labels: Sequence[str]) -> str:

@@ -195,6 +195,13 @@ def test_modality_line_and_disagreement():
           "text": np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]]),
           "audio": np.array([nan, nan, nan])}
     assert disagreement(by).tolist() == [True, False, False]
+    # Against the definition, row by row, on every pattern of presence and top labels.
+    rng = np.random.default_rng(0)
+    by = {m: rng.dirichlet(np.ones(3), size=400) for m in ("image", "text", "audio")}
+    for m in by:
+        by[m][rng.random(400) < 0.4] = np.nan
+    expected = [len({int(np.argmax(by[m][i])) for m in by if not np.isnan(by[m][i]).any()}) > 1 for i in range(400)]
+    assert disagreement(by).tolist() == expected
 
 
 def test_push_puts_the_line_in_task_data_and_prediction(tmp_path):
