@@ -55,6 +55,9 @@ FUSIONS = ("late", "concat", "weighted", "gated")
 # How the late-fusion output is calibrated on the held-out logits (``_apply_calibration``).
 LATE_FITS = ("temperatures", "weights", "weights_bias")
 PREDICT_BATCH = 512
+# Scoring's batch: a whole 1,000-record partition in one call (about 15 MB of float32 inputs);
+# fewer, larger calls cost less per record than PREDICT_BATCH's.
+SERVE_BATCH = 4096
 MODEL_PREFIX = "affectloop_features_"
 EMBEDDING_LAYER = "fused_embedding"
 
@@ -142,7 +145,9 @@ def build_calibrated_model(cores: Sequence[keras.Model], labels: Sequence[str], 
     inputs = {name: keras.Input(tuple(cores[0].input[name].shape[1:]), name=name) for name in FEATURE_INPUT_NAMES}
     outs = [core(inputs) for core in cores]
     def mean(i, name):
-        return outs[0][i] if len(outs) == 1 else keras.layers.Average(name=name)([o[i] for o in outs])
+        if len(outs) == 1:
+            return keras.layers.Identity(name=name)(outs[0][i])
+        return keras.layers.Average(name=name)([o[i] for o in outs])
     modality_logits = [mean(1 + j, f"{m}_mean_logits") for j, m in enumerate(MODALITIES)]
     probs = [CalibratedSoftmax(labels, name=f"{m}_probs")(z) for m, z in zip(MODALITIES, modality_logits)]
     if fusion == "late":
@@ -210,6 +215,11 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         "temperatures" (each modality's own temperature, then one fused temperature),
         "weights" (per-modality weights fitted on the fused output, all modality subsets
         together) or "weights_bias" (those and a per-class bias).
+    refit: with ``n_members`` > 1, this many networks refitted on every training record for
+        the members' median early-stopping epoch are served (averaged), calibrated on the
+        members' out-of-fold logits; 0: serve the members averaged. A member trains on
+        (n_members - 1) / n_members of the speakers, which costs audio most.
+    keep_members: with ``refit``, serve the members beside the refitted networks.
     """
 
     # The features-table columns the model reads (scoring reads only these from Parquet).
@@ -220,7 +230,8 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
                  aux_weight: float = 1.0, l2: float = 1e-4, pca_dim: int | dict[str, int] = 200, hidden: int = 0, n_members: int = 1, learning_rate: float = 1e-3, weight_decay: float = 1e-3,
                  epochs: int = 200, batch_size: int = 64, patience: int = 15, val_fraction: float = 0.25,
                  class_weight: str | None = "balanced", calibrate: bool = True, ensemble_rescale: bool = True,
-                 late_fit: str = "temperatures", seed: int = 13, verbose: int = 0):
+                 late_fit: str = "temperatures", refit: int = 0, keep_members: bool = False, seed: int = 13,
+                 verbose: int = 0):
         self.labels = labels
         self.fusion = fusion
         self.embed_dim = embed_dim
@@ -242,6 +253,8 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         self.calibrate = calibrate
         self.ensemble_rescale = ensemble_rescale
         self.late_fit = late_fit
+        self.refit = refit
+        self.keep_members = keep_members
         self.seed = seed
         self.verbose = verbose
 
@@ -273,12 +286,23 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
             splits = [(subset(X, keep), y_idx[keep], subset(X, held), y_idx[held])]
         else:
             splits = [(X, y_idx, None, None)]
-        cores, val_parts = [], []
+        cores, val_parts, best_epochs = [], [], []
         for k, (X_tr, y_tr, X_val, y_val) in enumerate(splits):
             core = self._fit_core(X_tr, y_tr, X_val, y_val, labels, self.seed + 1000 * k, prefix=f"m{k}_")
             cores.append(core)
             if X_val is not None and len(y_val):
                 val_parts.append((core, X_val, y_val))
+                losses = self.history_.get(f"m{k}_val_loss")
+                if losses:
+                    best_epochs.append(int(np.argmin(losses)) + 1)
+        self.refit_epochs_ = None
+        if self.refit and validation is None and len(splits) > 1 and best_epochs:
+            # The members chose the training length and give the out-of-fold logits that calibrate;
+            # the served network learns from every speaker.
+            self.refit_epochs_ = int(np.median(best_epochs))
+            refitted = [self._fit_core(X, y_idx, None, None, labels, self.seed + 1000 * (len(splits) + r),
+                                       prefix=f"refit{r}_", epochs=self.refit_epochs_) for r in range(self.refit)]
+            cores = (cores if self.keep_members else []) + refitted
         self.model_ = build_calibrated_model(cores, labels, self.fusion)
         self.classes_ = np.array(labels)
         self.n_members_ = len(cores)
@@ -290,8 +314,8 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
             self._calibrate(val_parts)
         return self
 
-    def _fit_core(self, X_tr, y_tr, X_val, y_val, labels, seed, prefix) -> keras.Model:
-        """One network trained with early stopping on (X_val, y_val); returns its logits model."""
+    def _fit_core(self, X_tr, y_tr, X_val, y_val, labels, seed, prefix, epochs: int | None = None) -> keras.Model:
+        """One network trained with early stopping on (X_val, y_val) (or for ``epochs``); returns its logits model."""
         has_val = X_val is not None and len(y_val) > 0
         means, variances, widths, pca = {}, {}, {}, {}
         for m in MODALITIES:
@@ -322,7 +346,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         history = train_model.fit(
             self._dataset(X_tr, y_tr, class_w, shuffle=True),
             validation_data=self._dataset(X_val, y_val, class_w) if has_val else None,
-            epochs=self.epochs, callbacks=callbacks, verbose=self.verbose, shuffle=False,
+            epochs=epochs or self.epochs, callbacks=callbacks, verbose=self.verbose, shuffle=False,
         )
         self.history_.update({f"{prefix}{k}": [float(v) for v in vs] for k, vs in history.history.items()
                               if k in ("loss", "val_loss")})
@@ -332,10 +356,11 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         """Collect the held-out logits (``calibration_set_``), then fit the calibration on them.
 
         The held-out logits of a record come from the core that did not train on it
-        (out-of-fold when cross-fitted); the served model averages the cores. Averaging
-        members shrinks the logits, so with ``ensemble_rescale`` each modality's (and a
-        non-late fused) held-out logits are rescaled by the label-free ratio of the
-        row-centred spreads of the averaged and the single-member logits on the same records.
+        (out-of-fold when cross-fitted); the served model averages the cores, or is one network
+        refitted on every record (``refit``). Either spreads its logits differently from one
+        member (averaging shrinks them, more data grows them), so with ``ensemble_rescale`` each
+        modality's (and a non-late fused) held-out logits are rescaled by the label-free ratio of
+        the row-centred spreads of the served and the single-member logits on the same records.
         """
         if self.late_fit not in LATE_FITS:
             raise ValueError(f"late_fit must be one of {LATE_FITS}, got {self.late_fit!r}")
@@ -346,7 +371,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         fused, *modality = (np.concatenate([o[i] for o in outs]) for i in range(4))
         masks = np.concatenate([X_val[presence_key(m)] for m in MODALITIES], axis=1) > 0.5
         ratios = {m: 1.0 for m in ("fused", *MODALITIES)}
-        if len(val_parts) > 1:
+        if len(val_parts) > 1 or self.refit_epochs_ is not None:
             averaged = [self._logits(X_val, f"{m}_mean_logits") for m in MODALITIES]
             for j, m in enumerate(MODALITIES):
                 rows = masks[:, j]
@@ -439,9 +464,8 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         X = _feature_inputs(X)
         serve = self._serving_function()
         n = n_records(X)
-        batches = [serve({name: tf.convert_to_tensor(np.asarray(X[name][start:start + PREDICT_BATCH], np.float32))
-                          for name in FEATURE_INPUT_NAMES})
-                   for start in range(0, max(n, 1), PREDICT_BATCH)]
+        batches = [serve({name: tf.convert_to_tensor(X[name][start:start + SERVE_BATCH]) for name in FEATURE_INPUT_NAMES})
+                   for start in range(0, max(n, 1), SERVE_BATCH)]
         return [np.concatenate([np.asarray(batch[i], dtype=np.float64) for batch in batches])[:n]
                 for i in range(len(batches[0]))]
 

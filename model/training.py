@@ -49,6 +49,8 @@ class TrainConfig:
     # with it (ECE 0.079 vs 0.075, pooled 0.061 vs 0.052); the heads' temperatures stay the default.
     ensemble_rescale: bool = True
     late_fit: str = "temperatures"
+    refit: int = 0
+    keep_members: bool = False
     # the seed architecture's own settings (its README defaults)
     seed_fusion: str = "concat"
     seed_epochs: int = 100
@@ -75,7 +77,8 @@ def build_estimator(config: TrainConfig = DEFAULT_CONFIG, labels: Sequence[str] 
                      "audio": config.pca_dim if config.audio_pca_dim is None else config.audio_pca_dim},
             input_dropout=config.input_dropout, dropout=config.dropout, l2=config.l2,
             weight_decay=config.weight_decay, modality_dropout=config.modality_dropout,
-            ensemble_rescale=config.ensemble_rescale, late_fit=config.late_fit, seed=seed)
+            ensemble_rescale=config.ensemble_rescale, late_fit=config.late_fit, refit=config.refit,
+            keep_members=config.keep_members, seed=seed)
     if config.architecture == "seed":
         from model.estimator import FusionClassifier
 

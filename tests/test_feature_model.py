@@ -79,14 +79,14 @@ def test_per_modality_probabilities_come_from_the_same_pass(fitted, data):
 def test_forward_pass_matches_keras_predict_across_batches_and_when_empty(fitted, data):
     # _forward calls the model through a traced tf.function, batch by batch; it must give
     # what keras.Model.predict gives, for several batches and for no records at all.
-    from model.feature_model import PREDICT_BATCH, _feature_inputs
+    from model.feature_model import SERVE_BATCH, _feature_inputs
 
     _, X, _ = data
-    reps = PREDICT_BATCH // len(next(iter(X.values()))) + 2
+    reps = SERVE_BATCH // len(next(iter(X.values()))) + 2
     big = {name: np.concatenate([values] * reps) for name, values in X.items()}
     expected = fitted.model_.predict(fitted._dataset(_feature_inputs(big)), verbose=0)
     got = fitted._forward(big)
-    assert len(got) == len(expected) and got[0].shape[0] > PREDICT_BATCH
+    assert len(got) == len(expected) and got[0].shape[0] > SERVE_BATCH
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, atol=1e-6)
     empty = fitted._forward({name: values[:0] for name, values in X.items()})
