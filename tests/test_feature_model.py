@@ -106,6 +106,23 @@ def test_save_load_safe_mode_round_trip(fitted, data, tmp_path):
     assert loaded.predict_proba_mc(X, n_samples=3).shape == (3, len(p), len(LABELS))
 
 
+@pytest.mark.parametrize("keep_members", [False, True])
+def test_refit_serves_networks_trained_on_every_record_calibrated_out_of_fold(keep_members, data, tmp_path):
+    _, X, y = data
+    est = train_model(X, y, config=TINY.with_overrides(epochs=12, refit=1, keep_members=keep_members), labels=LABELS,
+                      seed=5)
+    members = [k for k in est.history_ if k.endswith("val_loss")]
+    assert len(members) == 2 and "refit0_loss" in est.history_
+    # The refitted network trains for the members' median best epoch, on every record, without a validation side.
+    best = [int(np.argmin(est.history_[k])) + 1 for k in members]
+    assert est.refit_epochs_ == int(np.median(best)) and len(est.history_["refit0_loss"]) == est.refit_epochs_
+    assert est.n_members_ == (3 if keep_members else 1)
+    # Calibrated on the members' out-of-fold logits, rescaled to the served network's spread.
+    assert len(est.calibration_set_["y"]) == len(y) and est.calibration_set_["ratios"]["image"] != 1.0
+    loaded = load_estimator(est.save(tmp_path / "refit.keras"))
+    np.testing.assert_allclose(loaded.predict_proba(X), est.predict_proba(X), atol=1e-6)
+
+
 def test_member_folds_keep_each_speaker_whole_with_fewer_speakers_than_folds():
     from model.feature_model import member_folds
 
