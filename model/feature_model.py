@@ -126,7 +126,7 @@ def build_feature_network(cfg: FeatureNetworkConfig) -> keras.Model:
         # The fused embedding (for diversity-aware selection): the present modalities' logits side by side.
         embedding = FUSION_LAYERS["concat"](name="embedding")(logits + [masks])
     else:
-        fused = FUSION_LAYERS[cfg.fusion](name="fusion")(projections + [masks])
+        fused = FUSION_LAYERS[cfg.fusion](seed=next(seeds), name="fusion")(projections + [masks])
         embedding = keras.layers.Identity(name="embedding")(fused)
         fused = keras.layers.Dropout(cfg.dropout, seed=cfg.seed, name="head_dropout")(fused)
         fused_logits = keras.layers.Dense(n_labels, kernel_regularizer=reg, kernel_initializer=kernel_init(),

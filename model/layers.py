@@ -197,7 +197,18 @@ class HashedCharNgrams(keras.layers.Layer):
 
 
 class _Fusion(keras.layers.Layer):
-    """Base of the fusion layers: inputs are ``[embedding_1, …, embedding_M, masks (N, M)]``."""
+    """Base of the fusion layers: inputs are ``[embedding_1, …, embedding_M, masks (N, M)]``.
+
+    ``seed`` seeds a random initial weight (the gated fusion's kernel): unseeded, Keras draws
+    it from Python's global ``random``, which other threads of the process also draw from.
+    """
+
+    def __init__(self, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
 
     def _split(self, inputs):
         *embeddings, masks = inputs
@@ -269,7 +280,8 @@ class GatedFusion(_Fusion):
         self.dim = shapes[0][-1]
         in_dim = self.n_modalities * self.dim + mask_shape[-1]
         self.gate_kernel = self.add_weight(
-            name="gate_kernel", shape=(in_dim, self.n_modalities * self.dim), initializer="glorot_uniform"
+            name="gate_kernel", shape=(in_dim, self.n_modalities * self.dim),
+            initializer=keras.initializers.GlorotUniform(seed=self.seed),
         )
         self.gate_bias = self.add_weight(name="gate_bias", shape=(self.n_modalities * self.dim,), initializer="zeros")
 

@@ -178,7 +178,8 @@ def test_training_is_deterministic_for_a_seed(data):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_training_does_not_depend_on_the_global_python_random_state(data, monkeypatch):
+@pytest.mark.parametrize("fusion", ["late", "gated"])
+def test_training_does_not_depend_on_the_global_python_random_state(fusion, data, monkeypatch):
     # Prefect and Dask threads in the same process draw from Python's global `random`, where
     # Keras takes an unseeded initializer's seed; so a draw between `set_random_seed` and a
     # layer's creation changed the model now and then. Here every draw differs, as if another
@@ -189,7 +190,7 @@ def test_training_does_not_depend_on_the_global_python_random_state(data, monkey
     fresh = itertools.count(1)
     monkeypatch.setattr(random, "randint", lambda a, b: a + next(fresh) % (b - a + 1))
     _, X, y = data
-    runs = [train_model(X, y, config=TINY.with_overrides(epochs=1), labels=LABELS, seed=7).model_.get_weights()
+    runs = [train_model(X, y, config=TINY.with_overrides(epochs=1, fusion=fusion), labels=LABELS, seed=7).model_.get_weights()
             for _ in range(2)]
     assert len(runs[0]) == len(runs[1])
     for first, second in zip(*runs):
