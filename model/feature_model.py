@@ -356,9 +356,9 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         """Collect the held-out logits (``calibration_set_``), then fit the calibration on them.
 
         The held-out logits of a record come from the core that did not train on it
-        (out-of-fold when cross-fitted); the served model averages the cores, or is one network
-        refitted on every record (``refit``). Either spreads its logits differently from one
-        member (averaging shrinks them, more data grows them), so with ``ensemble_rescale`` each
+        (out-of-fold when cross-fitted); the served model averages its cores (the members, or
+        networks refitted on every record with ``refit``). Either spreads its logits differently
+        from one member (averaging shrinks them, more data grows them), so with ``ensemble_rescale`` each
         modality's (and a non-late fused) held-out logits are rescaled by the label-free ratio of
         the row-centred spreads of the served and the single-member logits on the same records.
         """
