@@ -126,7 +126,10 @@ def build_feature_network(cfg: FeatureNetworkConfig) -> keras.Model:
         # The fused embedding (for diversity-aware selection): the present modalities' logits side by side.
         embedding = FUSION_LAYERS["concat"](name="embedding")(logits + [masks])
     else:
-        fused = FUSION_LAYERS[cfg.fusion](seed=next(seeds), name="fusion")(projections + [masks])
+        # Only the gated fusion has a random initial weight (and only it draws a seed, so the other
+        # fusions' kernels keep the seeds they had).
+        fusion_seed = next(seeds) if cfg.fusion == "gated" else None
+        fused = FUSION_LAYERS[cfg.fusion](seed=fusion_seed, name="fusion")(projections + [masks])
         embedding = keras.layers.Identity(name="embedding")(fused)
         fused = keras.layers.Dropout(cfg.dropout, seed=cfg.seed, name="head_dropout")(fused)
         fused_logits = keras.layers.Dense(n_labels, kernel_regularizer=reg, kernel_initializer=kernel_init(),

@@ -41,6 +41,15 @@ FEATURE_INPUTS: dict[str, str] = {m: f"{m}_features" for m in MODALITIES}
 FEATURE_INPUT_NAMES: tuple[str, ...] = tuple(FEATURE_INPUTS.values()) + tuple(presence_key(m) for m in MODALITIES)
 
 
+def _validity(array: pa.Array) -> np.ndarray:
+    """(len,) bool validity of an array without nested children, from its bitmap."""
+    bitmap = array.buffers()[0]
+    if bitmap is None:
+        return np.ones(len(array), dtype=bool)
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
+    return bits[array.offset:array.offset + len(array)].astype(bool)
+
+
 def _fixed_list_to_array(column: pa.ChunkedArray | pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
     """A (fixed-size) list<float32> column -> (N, width) float32 with zeros for nulls, and the validity."""
     if isinstance(column, pa.ChunkedArray):
@@ -50,14 +59,15 @@ def _fixed_list_to_array(column: pa.ChunkedArray | pa.Array, width: int) -> tupl
         np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     if pa.types.is_fixed_size_list(column.type) and column.type.list_size == width:
         # Fast path (every features file): a fixed-size list keeps a slot for null rows too,
-        # so the child values are already (N, width) row-aligned; zero the null rows (a null
-        # element inside a row reads as NaN and is zeroed below with the other non-finite values).
+        # so the child values are already (N, width) row-aligned. They are copied straight from
+        # the Arrow buffer (pyarrow's own conversion of a child with nulls is a NaN-filling copy
+        # that cost as much as the forward pass); null elements and null rows are zeroed.
         values = column.values.slice(column.offset * width, n * width)
-        if values.type == pa.float32() and values.null_count == (n - int(valid.sum())) * width:
-            # Every null element sits in a null row (zeroed below): straight from the Arrow
-            # buffer, one copy (the caller zeroes rows in place) instead of a NaN-filling conversion.
-            data = values.buffers()[1]
-            out = np.frombuffer(data, dtype=np.float32, count=n * width, offset=values.offset * 4).reshape(n, width).copy()
+        if values.type == pa.float32():
+            out = np.frombuffer(values.buffers()[1], dtype=np.float32, count=n * width,
+                                offset=values.offset * 4).reshape(n, width).copy()
+            if values.null_count:
+                out[~_validity(values).reshape(n, width)] = 0.0
         else:
             out = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, width).copy()
         out[~valid] = 0.0

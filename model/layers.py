@@ -208,7 +208,8 @@ class _Fusion(keras.layers.Layer):
         self.seed = seed
 
     def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
+        # No key when unseeded, so a model without a seeded fusion still loads in older code.
+        return {**super().get_config(), **({"seed": self.seed} if self.seed is not None else {})}
 
     def _split(self, inputs):
         *embeddings, masks = inputs

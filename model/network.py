@@ -180,7 +180,8 @@ def build_fusion_network(cfg: NetworkConfig) -> keras.Model:
     ]
     masks = keras.layers.Concatenate(name="presence")([inputs[presence_key(m)] for m in MODALITIES])
     masks = ModalityDropout(cfg.modality_dropout, seed=cfg.seed, name="modality_dropout")(masks)
-    fused = FUSION_LAYERS[cfg.fusion](seed=cfg.seed, name=FUSION_LAYER_NAME)(embeddings + [masks])
+    fused = FUSION_LAYERS[cfg.fusion](seed=cfg.seed if cfg.fusion == "gated" else None,
+                                      name=FUSION_LAYER_NAME)(embeddings + [masks])
     x = keras.layers.Dropout(cfg.dropout, seed=cfg.seed, name=HEAD_LAYER_NAMES[0])(fused)
     logits = keras.layers.Dense(len(cfg.labels), name=HEAD_LAYER_NAMES[1])(x)
     probs = CalibratedSoftmax(cfg.labels, name=HEAD_LAYER_NAMES[2])(logits)
