@@ -41,13 +41,11 @@ FEATURE_INPUTS: dict[str, str] = {m: f"{m}_features" for m in MODALITIES}
 FEATURE_INPUT_NAMES: tuple[str, ...] = tuple(FEATURE_INPUTS.values()) + tuple(presence_key(m) for m in MODALITIES)
 
 
-def _validity(array: pa.Array) -> np.ndarray:
-    """(len,) bool validity of an array without nested children, from its bitmap."""
-    bitmap = array.buffers()[0]
-    if bitmap is None:
+def _valid_rows(array: pa.Array) -> np.ndarray:
+    """(len,) bool: which entries of ``array`` are not null."""
+    if array.null_count == 0:
         return np.ones(len(array), dtype=bool)
-    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
-    return bits[array.offset:array.offset + len(array)].astype(bool)
+    return np.asarray(array.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _fixed_list_to_array(column: pa.ChunkedArray | pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,8 +53,7 @@ def _fixed_list_to_array(column: pa.ChunkedArray | pa.Array, width: int) -> tupl
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     n = len(column)
-    valid = np.ones(n, dtype=bool) if column.null_count == 0 else \
-        np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    valid = _valid_rows(column)
     if pa.types.is_fixed_size_list(column.type) and column.type.list_size == width:
         # Fast path (every features file): a fixed-size list keeps a slot for null rows too,
         # so the child values are already (N, width) row-aligned. They are copied straight from
@@ -67,7 +64,7 @@ def _fixed_list_to_array(column: pa.ChunkedArray | pa.Array, width: int) -> tupl
             out = np.frombuffer(values.buffers()[1], dtype=np.float32, count=n * width,
                                 offset=values.offset * 4).reshape(n, width).copy()
             if values.null_count:
-                out[~_validity(values).reshape(n, width)] = 0.0
+                out[~_valid_rows(values).reshape(n, width)] = 0.0
         else:
             out = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, width).copy()
         out[~valid] = 0.0

@@ -23,11 +23,6 @@ DISPLAY_NAMES: dict[str, str] = {"image": "face", "audio": "voice", "text": "tex
 LINE_ORDER: tuple[str, ...] = ("image", "audio", "text")
 
 
-def modality_columns(labels: Sequence[str]) -> list[str]:
-    """``p_<modality>_<label>`` column names, modality-major (image, text, audio)."""
-    return [f"p_{m}_{label}" for m in MODALITIES for label in labels]
-
-
 def disagreement(by_modality: Mapping[str, np.ndarray]) -> np.ndarray:
     """(N,) bool: two or more present modalities (rows not NaN) whose top labels differ."""
     tops = []

@@ -25,7 +25,7 @@ from prefect import task
 from core.io import atomic_write_json, read_json, write_parquet
 from core.layout import DataLayout
 from model.inputs import MODALITIES
-from model.modality_view import modality_columns, modality_lines
+from model.modality_view import modality_lines
 from model.selection import (STRATEGIES, StabilizingPredictions, cold_start_vectors, required_outputs,
                              runnable_strategies, select, stable_sample, uncertainty_scores)
 from tasks.artifacts import publish_markdown
@@ -138,8 +138,9 @@ def _matrix_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), matrix.shape[1])
 
 
-def _column_matrix(table: pa.Table, name: str, width: int) -> np.ndarray:
-    return np.asarray(table.column(name).combine_chunks().flatten(), np.float64).reshape(table.num_rows, width)
+def _column_matrix(table: pa.Table, name: str, dtype: type = np.float64) -> np.ndarray:
+    """A fixed-size list column of a non-empty table -> (N, width) (the inverse of :func:`_matrix_column`)."""
+    return np.asarray(table.column(name).combine_chunks().flatten(), dtype).reshape(table.num_rows, -1)
 
 
 def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: str | Path, layout: DataLayout,
@@ -165,7 +166,7 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
         predicted = table.column("predicted_label").cast(pa.string())
         confidence = table.column("confidence")
         version = table.column("model_version").cast(pa.string())
-        modalities = pa.array(modality_lines_of(table, labels), pa.string())
+        modalities = pa.array(modality_lines_of(by_modality, labels, len(ids)), pa.string())
     else:
         table = pq.read_table(part)
         ids = table.column("record_id").to_pylist()
@@ -186,13 +187,11 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
         order = eligible[np.argsort(-scores[eligible], kind="stable")]
     keep = np.sort(order[:keep_n])  # the partition's own order: the union is the run's order, restricted
     take = pa.array(keep.astype(np.int64))
-    dim = vectors.shape[1]
     shortlist = pa.table({
         "record_id": pa.array([ids[i] for i in keep], pa.string()),
         "part": pa.array(np.full(keep.size, index, np.int32)),
-        "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs[keep].reshape(-1)), len(labels))
-        if probs is not None else pa.nulls(keep.size, pa.list_(pa.float32(), len(labels))),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[keep].reshape(-1)), dim),
+        "probs": _matrix_column(probs[keep]) if probs is not None else pa.nulls(keep.size, pa.list_(pa.float32(), len(labels))),
+        "vector": _matrix_column(vectors[keep]),
         "predicted_label": predicted.take(take), "confidence": confidence.take(take),
         "model_version": version.take(take), "modalities": modalities.take(take),
     })
@@ -203,16 +202,11 @@ def shortlist_partition(part: str | Path, index: int, n_parts: int, out_path: st
     return write_parquet(shortlist, out_path), int(eligible.size)
 
 
-def modality_lines_of(table: pa.Table, labels: Sequence[str]) -> list[str | None]:
-    """The per-modality line of every scores row (``model.modality_view``); None without those columns."""
-    names = modality_columns(labels)
-    if not all(name in table.column_names for name in names):
-        return [None] * table.num_rows
-    by_modality = {}
-    for m in MODALITIES:
-        cols = [table.column(f"p_{m}_{label}").to_numpy(zero_copy_only=False) for label in labels]
-        by_modality[m] = np.stack([np.asarray(c, np.float64) for c in cols], axis=1) if table.num_rows \
-            else np.zeros((0, len(labels)))
+def modality_lines_of(by_modality: dict[str, np.ndarray | None], labels: Sequence[str], n: int) -> list[str | None]:
+    """The per-modality line (``model.modality_view``) of each of ``n`` scores rows, from
+    :func:`scored_modality_probs`; None for every row when a modality's columns are missing."""
+    if any(by_modality.get(m) is None for m in MODALITIES):
+        return [None] * n
     return [line or None for line in modality_lines(by_modality, labels)]
 
 
@@ -233,16 +227,14 @@ def select_from_shortlists(shortlist_paths: Sequence[str | Path], record_parts: 
     if budget <= 0 or n == 0:
         picks = np.zeros(0, dtype=np.int64)
     else:
-        vectors = np.asarray(union.column("vector").combine_chunks().flatten(), np.float32).reshape(n, -1)
+        vectors = _column_matrix(union, "vector", np.float32)
         if used == "random":
             picks = np.argsort(_sample_keys(union.column("record_id").to_pylist(), seed), kind="stable")[:budget]
         else:
-            probs = np.asarray(union.column("probs").combine_chunks().flatten(), np.float32).reshape(n, -1) \
-                if scored else None
+            probs = _column_matrix(union, "probs", np.float32) if scored else None
             views = None
             if scored:
-                width = probs.shape[1]
-                views = modality_views({m: _column_matrix(union, f"probs_{m}", width)
+                views = modality_views({m: _column_matrix(union, f"probs_{m}")
                                         if f"probs_{m}" in union.column_names else None for m in MODALITIES}, probs)
             picks = select(used, budget, probs=probs, modality_probs=views, embeddings=vectors, seed=seed)
     if n and "modalities" not in union.column_names:  # a shortlist written before the per-modality line
