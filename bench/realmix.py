@@ -4,8 +4,8 @@ Speaker-independent and using every actor: leave one RAVDESS actor out. Fold k's
 holds actor k's records and a matching quarter of the records without audio (stratified);
 the figure is the mean over the folds, with the standard deviation beside it. Within each
 fold every setting is chosen on the training side only (the baseline's C on a
-speaker-grouped validation split; the networks' early stopping and calibration on
-speaker-grouped held-out folds); the test side is only scored.
+speaker-grouped validation split; the networks' calibration (and, where a network
+early-stops, its stopping) on speaker-grouped held-out folds); the test side is only scored.
 
 The product row is ``model.training.train_model`` with ``DEFAULT_CONFIG``: the very
 function and defaults ``affectloop retrain`` uses. Features come from the product's

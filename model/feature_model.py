@@ -17,9 +17,12 @@ its own head (``<m>_logits`` -> ``<m>_probs``, a calibrated softmax). Fusion, se
 Training is one joint fit: the fused output's loss plus ``aux_weight`` times each
 modality head's loss on the records that carry it (sample weights zero elsewhere), class
 weights, modality dropout on the fused path (so one-modality records are predicted well),
-AdamW, early stopping on a validation split (speaker-grouped when ``groups`` is given).
-With ``n_members`` > 1 the members are cross-fitted (member k early-stopped on fold k) and
-served averaged. Then, on the held-out logits (out-of-fold when cross-fitted; kept in
+AdamW, L2 on each modality's head (``head_l2``), and either early stopping on a validation
+split (speaker-grouped when ``groups`` is given) or, with ``patience=0`` (the product's
+default, ``model.training``), a fixed number of epochs: each linear head then trains to its
+regularised optimum, as a logistic regression does, instead of stopping at the one epoch all
+heads share. With ``n_members`` > 1 the members are cross-fitted (member k held out from fold
+k, which it is scored on) and served averaged. Then, on the held-out logits (out-of-fold when cross-fitted; kept in
 ``calibration_set_`` so ``recalibrate`` can refit with other settings), each modality head
 gets its own temperature (on the records having that modality) and the fused output is
 calibrated per ``late_fit``: the heads' temperatures and one fused temperature, or
@@ -77,6 +80,8 @@ class FeatureNetworkConfig:
     dropout: float = 0.5
     modality_dropout: float = 0.3
     l2: float = 1e-4
+    # L2 on each modality's head (its logits layer), by modality; a modality not named gets ``l2``.
+    head_l2: dict[str, float] | None = None
     seed: int = 13
 
 
@@ -117,7 +122,10 @@ def build_feature_network(cfg: FeatureNetworkConfig) -> keras.Model:
             head_in = keras.layers.Dense(cfg.hidden, activation="relu", kernel_regularizer=reg,
                                          kernel_initializer=kernel_init(), name=f"{m}_hidden")(x)
         d = keras.layers.Dropout(cfg.dropout, seed=cfg.seed, name=f"{m}_dropout")(head_in)
-        z = keras.layers.Dense(n_labels, kernel_regularizer=reg, kernel_initializer=kernel_init(), name=f"{m}_logits")(d)
+        head_l2 = (cfg.head_l2 or {}).get(m)
+        head_reg = reg if head_l2 is None else keras.regularizers.L2(head_l2) if head_l2 else None
+        z = keras.layers.Dense(n_labels, kernel_regularizer=head_reg, kernel_initializer=kernel_init(),
+                               name=f"{m}_logits")(d)
         logits.append(z)
     masks = keras.layers.Concatenate(name="presence")([inputs[presence_key(m)] for m in MODALITIES])
     masks = ModalityDropout(cfg.modality_dropout, seed=cfg.seed, name="modality_dropout")(masks)
@@ -210,7 +218,11 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
     input_dropout, dropout: dropout on the standardised features and on the projections.
     modality_dropout: chance of hiding each present modality of a training record (never all).
     aux_weight: weight of each modality head's loss beside the fused loss.
+    l2: L2 on the kernels; head_l2: per modality, the L2 on that modality's head instead (a
+        dict; a modality not named gets ``l2``).
     pca_dim: components of each modality's whitening PCA: one int for all, or one per modality (0: none).
+    patience: early stopping on the held-out loss after this many epochs without improvement
+        (best weights restored); 0: no early stopping, every network trains ``epochs`` epochs.
     val_fraction: share held out for early stopping and calibration (whole speakers with ``groups``).
     ensemble_rescale: before calibrating an ensemble, rescale the members' held-out logits
         to the averaged logits' spread (label-free); False: calibrate on them as they are.
@@ -230,7 +242,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, labels: Sequence[str] = DEFAULT_LABELS, fusion: str = "late", embed_dim: int = 128,
                  input_dropout: float = 0.2, dropout: float = 0.5, modality_dropout: float = 0.3,
-                 aux_weight: float = 1.0, l2: float = 1e-4, pca_dim: int | dict[str, int] = 200, hidden: int = 0, n_members: int = 1, learning_rate: float = 1e-3, weight_decay: float = 1e-3,
+                 aux_weight: float = 1.0, l2: float = 1e-4, head_l2: dict[str, float] | None = None, pca_dim: int | dict[str, int] = 200, hidden: int = 0, n_members: int = 1, learning_rate: float = 1e-3, weight_decay: float = 1e-3,
                  epochs: int = 200, batch_size: int = 64, patience: int = 15, val_fraction: float = 0.25,
                  class_weight: str | None = "balanced", calibrate: bool = True, ensemble_rescale: bool = True,
                  late_fit: str = "temperatures", refit: int = 0, keep_members: bool = False, seed: int = 13,
@@ -243,6 +255,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         self.modality_dropout = modality_dropout
         self.aux_weight = aux_weight
         self.l2 = l2
+        self.head_l2 = head_l2
         self.pca_dim = pca_dim
         self.hidden = hidden
         self.n_members = n_members
@@ -296,13 +309,13 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
             if X_val is not None and len(y_val):
                 val_parts.append((core, X_val, y_val))
                 losses = self.history_.get(f"m{k}_val_loss")
-                if losses:
+                if losses and self.patience:
                     best_epochs.append(int(np.argmin(losses)) + 1)
         self.refit_epochs_ = None
-        if self.refit and validation is None and len(splits) > 1 and best_epochs:
-            # The members chose the training length and give the out-of-fold logits that calibrate;
-            # the served network learns from every speaker.
-            self.refit_epochs_ = int(np.median(best_epochs))
+        if self.refit and validation is None and len(splits) > 1:
+            # The members give the out-of-fold logits that calibrate (and, with early stopping, the
+            # training length); the served network learns from every speaker.
+            self.refit_epochs_ = int(np.median(best_epochs)) if best_epochs else self.epochs
             refitted = [self._fit_core(X, y_idx, None, None, labels, self.seed + 1000 * (len(splits) + r),
                                        prefix=f"refit{r}_", epochs=self.refit_epochs_) for r in range(self.refit)]
             cores = (cores if self.keep_members else []) + refitted
@@ -331,7 +344,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         cfg = FeatureNetworkConfig(labels=labels, widths=widths, means=means, variances=variances, pca=pca,
                                    hidden=self.hidden, fusion=self.fusion,
                                    embed_dim=self.embed_dim, input_dropout=self.input_dropout, dropout=self.dropout,
-                                   modality_dropout=self.modality_dropout, l2=self.l2, seed=seed)
+                                   modality_dropout=self.modality_dropout, l2=self.l2, head_l2=self.head_l2, seed=seed)
         core = build_feature_network(cfg)
         softmax = [keras.layers.Softmax(name=f"{prefix}{name}")(z) for name, z in
                    zip(("fused", *MODALITIES), core.outputs[:4])]

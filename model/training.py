@@ -35,15 +35,27 @@ class TrainConfig:
     architecture: str = "features"
     fusion: str = "late"
     n_members: int = 3
+    # Every network trains `epochs` epochs, no early stopping (patience 0): each modality's head is
+    # linear, so with a strong L2 it trains to its regularised optimum (a class-balanced logistic
+    # regression on the standardised features, by another optimiser). Early stopping on the summed
+    # held-out loss stopped all heads at one shared epoch, too early for one and too late for another:
+    # a change to one modality's input moved another's F1 by 0.03. On validation
+    # (`bench/realmix.py --eval val`, seeds 13 / 14; README, *The model*) this gave fused
+    # 0.436 / 0.438 against early stopping's 0.399 / 0.394, every head better. 200 epochs: at 100,
+    # audio's weakly regularised head had not converged (0.345 / 0.362 vs 0.391 / 0.401).
     epochs: int = 200
-    pca_dim: int = 100
-    # 0: audio's 261 standardised functionals go into its head as they are. Audio has the fewest
-    # records (~150 clips a fold), and a whitening PCA gives its noisiest directions unit variance:
-    # on validation (`bench/realmix.py --eval val`, seeds 13 and 14) no PCA gave audio 0.315 vs
-    # 0.235, fused 0.397 vs 0.388, trimodal 0.428 vs 0.381 (each seed better). None: pca_dim.
-    audio_pca_dim: int | None = 0
+    patience: int = 0
+    # 0: no whitening PCA; each modality's features go into its head standardised, and the L2
+    # shrinks the low-variance directions (a whitening PCA gave the noisiest ones unit variance).
+    pca_dim: int = 0
+    # L2 on each modality's head (sklearn's C is about 1 / (2 * l2 * n)), chosen on validation:
+    # face 1.0, text 3.0, audio 0.03 (audio has ~150 clips a fold and wants the weakest).
+    image_l2: float = 1.0
+    text_l2: float = 3.0
+    audio_l2: float = 0.03
     input_dropout: float = 0.1
     dropout: float = 0.3
+    # L2 on every other kernel (the projections and the shared head of the non-late fusions).
     l2: float = 1e-3
     weight_decay: float = 0.05
     modality_dropout: float = 0.3
@@ -77,9 +89,9 @@ def build_estimator(config: TrainConfig = DEFAULT_CONFIG, labels: Sequence[str] 
 
         return FeatureFusionClassifier(
             labels=tuple(labels), fusion=config.fusion, n_members=config.n_members, epochs=config.epochs,
-            pca_dim={"image": config.pca_dim, "text": config.pca_dim,
-                     "audio": config.pca_dim if config.audio_pca_dim is None else config.audio_pca_dim},
+            pca_dim=config.pca_dim, patience=config.patience,
             input_dropout=config.input_dropout, dropout=config.dropout, l2=config.l2,
+            head_l2={"image": config.image_l2, "text": config.text_l2, "audio": config.audio_l2},
             weight_decay=config.weight_decay, modality_dropout=config.modality_dropout,
             ensemble_rescale=config.ensemble_rescale, late_fit=config.late_fit, refit=config.refit,
             keep_members=config.keep_members, seed=seed)

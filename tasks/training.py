@@ -209,7 +209,7 @@ def retrain(layout: DataLayout, labels: Sequence[str], fusion: str | None = None
     y_hold = np.asarray(hold_table.column("label").to_pylist(), dtype=object)
     config = DEFAULT_CONFIG.with_overrides(fusion=fusion, epochs=epochs)  # None: the product default
     params = {**config.to_dict(), "seed": seed, "labels": list(labels)}
-    # Speakers keep the model's own early-stopping and calibration folds speaker-independent,
+    # Speakers keep the model's own held-out (calibration) folds speaker-independent,
     # as in bench/realmix.py (None where the source names none).
     groups = read_groups(layout.group_index, train_table.column("record_id").to_pylist())
     candidate = train_model(arrays_from_features(train_table), y_train, groups=groups, config=config, labels=labels,

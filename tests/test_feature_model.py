@@ -19,7 +19,7 @@ import textwrap  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from model.feature_model import FeatureFusionClassifier, load_estimator  # noqa: E402
+from model.feature_model import FeatureFusionClassifier, _all_layers, load_estimator  # noqa: E402
 from model.inputs import arrays_from_features, mask_modalities, presence  # noqa: E402
 from model.training import DEFAULT_CONFIG, TrainConfig, train_model  # noqa: E402
 from tests.test_model_unit import LABELS, synthetic_table  # noqa: E402
@@ -106,21 +106,40 @@ def test_save_load_safe_mode_round_trip(fitted, data, tmp_path):
     assert loaded.predict_proba_mc(X, n_samples=3).shape == (3, len(p), len(LABELS))
 
 
-@pytest.mark.parametrize("keep_members", [False, True])
-def test_refit_serves_networks_trained_on_every_record_calibrated_out_of_fold(keep_members, data, tmp_path):
+@pytest.mark.parametrize("keep_members, patience", [(False, 0), (True, 0), (False, 3)])
+def test_refit_serves_networks_trained_on_every_record_calibrated_out_of_fold(keep_members, patience, data, tmp_path):
     _, X, y = data
-    est = train_model(X, y, config=TINY.with_overrides(epochs=12, refit=1, keep_members=keep_members), labels=LABELS,
-                      seed=5)
+    est = train_model(X, y, config=TINY.with_overrides(epochs=12, refit=1, keep_members=keep_members,
+                                                       patience=patience), labels=LABELS, seed=5)
     members = [k for k in est.history_ if k.endswith("val_loss")]
     assert len(members) == 2 and "refit0_loss" in est.history_
-    # The refitted network trains for the members' median best epoch, on every record, without a validation side.
+    # The refitted network trains on every record, without a validation side: for the members'
+    # median best epoch when they early-stopped, for the members' own length when they did not.
     best = [int(np.argmin(est.history_[k])) + 1 for k in members]
-    assert est.refit_epochs_ == int(np.median(best)) and len(est.history_["refit0_loss"]) == est.refit_epochs_
+    assert est.refit_epochs_ == (int(np.median(best)) if patience else 12)
+    assert len(est.history_["refit0_loss"]) == est.refit_epochs_
     assert est.n_members_ == (3 if keep_members else 1)
     # Calibrated on the members' out-of-fold logits, rescaled to the served network's spread.
     assert len(est.calibration_set_["y"]) == len(y) and est.calibration_set_["ratios"]["image"] != 1.0
     loaded = load_estimator(est.save(tmp_path / "refit.keras"))
     np.testing.assert_allclose(loaded.predict_proba(X), est.predict_proba(X), atol=1e-6)
+
+
+def test_the_default_trains_a_fixed_length_with_each_head_under_its_own_l2(data):
+    _, X, y = data
+    est = train_model(X, y, config=TINY.with_overrides(epochs=6, image_l2=0.5, text_l2=2.0, audio_l2=0.0),
+                      labels=LABELS, seed=5)
+    # No early stopping by default: every member trains the configured number of epochs.
+    assert DEFAULT_CONFIG.patience == 0
+    assert [len(v) for k, v in est.history_.items() if k.endswith("loss")] == [6] * 4
+    heads = {layer.name: layer for layer in _all_layers(est.model_) if layer.name.endswith("_logits")}
+    assert heads["image_logits"].kernel_regularizer.l2 == pytest.approx(0.5)
+    assert heads["text_logits"].kernel_regularizer.l2 == pytest.approx(2.0)
+    assert heads["audio_logits"].kernel_regularizer is None
+    # The head L2 is in the training loss: a stronger one gives a larger first-epoch loss from the same start.
+    stronger = train_model(X, y, config=TINY.with_overrides(epochs=6, image_l2=50.0, text_l2=2.0, audio_l2=0.0),
+                           labels=LABELS, seed=5)
+    assert stronger.history_["m0_loss"][0] > est.history_["m0_loss"][0]
 
 
 def test_member_folds_keep_each_speaker_whole_with_fewer_speakers_than_folds():
