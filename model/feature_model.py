@@ -231,9 +231,10 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         "weights" (per-modality weights fitted on the fused output, all modality subsets
         together) or "weights_bias" (those and a per-class bias).
     refit: with ``n_members`` > 1, this many networks refitted on every training record for
-        the members' median early-stopping epoch are served (averaged), calibrated on the
-        members' out-of-fold logits; 0: serve the members averaged. A member trains on
-        (n_members - 1) / n_members of the speakers, which costs audio most.
+        the members' median early-stopping epoch (``epochs`` without early stopping) are
+        served (averaged), calibrated on the members' out-of-fold logits; 0: serve the
+        members averaged. A member trains on (n_members - 1) / n_members of the speakers,
+        which costs audio most.
     keep_members: with ``refit``, serve the members beside the refitted networks.
     """
 
@@ -290,9 +291,9 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
             X_val, y_val = _feature_inputs(validation[0]), label_indices(validation[1], labels)
             splits = [(X, y_idx, X_val, y_val)]
         elif self.n_members > 1:
-            # Cross-fitting: member k trains on all but fold k (whole speakers per fold), is
-            # early-stopped on fold k, and the ensemble is calibrated on the out-of-fold logits,
-            # so every record trains members and every record calibrates.
+            # Cross-fitting: member k trains on all but fold k (whole speakers per fold), is scored
+            # (and, with patience, early-stopped) on fold k, and the ensemble is calibrated on the
+            # out-of-fold logits, so every record trains members and every record calibrates.
             folds = member_folds(y_idx, groups, self.n_members, self.seed)
             everything = np.arange(len(y_idx))
             splits = [(subset(X, np.setdiff1d(everything, held)), y_idx[np.setdiff1d(everything, held)],
@@ -331,7 +332,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _fit_core(self, X_tr, y_tr, X_val, y_val, labels, seed, prefix, epochs: int | None = None) -> keras.Model:
-        """One network trained with early stopping on (X_val, y_val) (or for ``epochs``); returns its logits model."""
+        """One network trained for ``epochs`` (early-stopped on (X_val, y_val) when ``patience``); returns its logits model."""
         has_val = X_val is not None and len(y_val) > 0
         means, variances, widths, pca = {}, {}, {}, {}
         for m in MODALITIES:
