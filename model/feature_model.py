@@ -21,12 +21,13 @@ AdamW, L2 on each modality's head (``head_l2``), and either early stopping on a 
 split (speaker-grouped when ``groups`` is given) or, with ``patience=0`` (the product's
 default, ``model.training``), a fixed number of epochs: each linear head then trains to its
 regularised optimum, as a logistic regression does, instead of stopping at the one epoch all
-heads share. With ``n_members`` > 1 the members are cross-fitted (member k held out from fold
-k, which it is scored on) and served averaged. Then, on the held-out logits (out-of-fold when cross-fitted; kept in
-``calibration_set_`` so ``recalibrate`` can refit with other settings), each modality head
-gets its own temperature (on the records having that modality) and the fused output is
-calibrated per ``late_fit``: the heads' temperatures and one fused temperature, or
-per-modality weights (and a per-class bias) fitted on the fused output of every record.
+heads share. With ``n_members`` > 1 the members are cross-fitted (member k trains on every
+fold but k and is scored on fold k) and served averaged. Then, on the held-out logits
+(out-of-fold when cross-fitted; kept in ``calibration_set_`` so ``recalibrate`` can refit
+with other settings), each modality head gets its own temperature (on the records having
+that modality) and the fused output is calibrated per ``late_fit``: the heads' temperatures
+and one fused temperature, or per-modality weights (and a per-class bias) fitted on the
+fused output of every record.
 Everything lives in the ``.keras`` file (normalisation, temperatures, weights, bias, label
 set); loaded in safe mode.
 
