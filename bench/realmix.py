@@ -28,10 +28,12 @@ stratified third of the records without audio), the product is trained on the re
 scored on that validation part, once for every calibration setting (``recalibrate``: the
 same trained members, only the calibration refitted). ``--set key=value`` overrides a
 ``TrainConfig`` setting and ``--train-seed`` reseeds the networks (a paired replicate on the
-same splits), in validation mode only (the test mode always reports the default).
+same splits) and ``--fit-fraction`` trains on a random share of each fitting side (a smaller
+labelled set, as in an active-learning loop), in validation mode only (the test mode always
+reports the default).
 
 Usage: python bench/realmix.py [--data PATH] [--out DIR] [--quick] [--systems baseline,seed,product]
-                               [--eval test|val] [--set key=value ...]
+                               [--eval test|val] [--set key=value ...] [--fit-fraction F]
 The last line of stdout is one JSON object.
 """
 
@@ -296,6 +298,10 @@ def run_validation(args, X: dict, y: np.ndarray, speakers: np.ndarray, folds: li
     for k, (train, _test) in enumerate(folds):
         fit, val = validation_split(y, speakers, train, k)
         _check_speaker_independent(speakers, [fit, val, _test])
+        if args.fit_fraction < 1:
+            # A smaller labelled set (e.g. an active-learning loop's), drawn at random from the fitting side.
+            rng = np.random.default_rng(args.train_seed)
+            fit = np.sort(rng.choice(fit, size=int(len(fit) * args.fit_fraction), replace=False))
         actor = sorted(set(speakers[val]) - {None})
         t_fold = time.time()
         model = train_network("product", X, y, speakers, fit, args.quick, overrides, seed=args.train_seed)
@@ -319,7 +325,8 @@ def run_validation(args, X: dict, y: np.ndarray, speakers: np.ndarray, folds: li
     print_loao_table(results, names={n: n for n in results})
     default = setting_name(True, "temperatures")
     summary = {
-        "eval": "val", "overrides": overrides, "train_seed": args.train_seed, "folds": len(folds),
+        "eval": "val", "overrides": overrides, "train_seed": args.train_seed, "fit_fraction": args.fit_fraction,
+        "folds": len(folds),
         "settings": {name: {**{k: round(v[0], 4) for k, v in r.items() if isinstance(v, tuple)},
                             **{k: round(v, 4) for k, v in r.items() if not isinstance(v, tuple)}}
                      for name, r in results.items()},
@@ -382,9 +389,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="TrainConfig override (validation mode only)")
     parser.add_argument("--train-seed", type=int, default=SEED,
                         help="the networks' seed (validation mode only: a replicate on the same splits)")
+    parser.add_argument("--fit-fraction", type=float, default=1.0,
+                        help="train on this random share of each fold's fitting side (validation mode only)")
     args = parser.parse_args(argv)
-    if (args.set or args.train_seed != SEED) and args.eval != "val":
-        parser.error("--set / --train-seed are for --eval val only: the test mode reports the product's default")
+    if (args.set or args.train_seed != SEED or args.fit_fraction != 1.0) and args.eval != "val":
+        parser.error("--set / --train-seed / --fit-fraction are for --eval val only: "
+                     "the test mode reports the product's default")
+    if not 0 < args.fit_fraction <= 1:
+        parser.error("--fit-fraction must be in (0, 1]")
 
     if not (args.data / "manifest.jsonl").is_file():
         parser.error(f"no realmix data at {args.data} (expected manifest.jsonl); pass --data")
