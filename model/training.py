@@ -55,7 +55,7 @@ class TrainConfig:
     audio_l2: float = 0.03
     input_dropout: float = 0.1
     dropout: float = 0.3
-    # L2 on every other kernel (the projections and the shared head of the non-late fusions).
+    # L2 on every other kernel (projections, hidden layers, the shared head of the non-late fusions).
     l2: float = 1e-3
     weight_decay: float = 0.05
     modality_dropout: float = 0.3
