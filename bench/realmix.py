@@ -246,11 +246,11 @@ def validation_split(y: np.ndarray, speakers: np.ndarray, train: np.ndarray, fol
     """(fit, validation) positions inside ``train``: the validation side holds one training actor
     (the next one after the fold's test actor, so each actor is validation once over the folds)
     and a stratified third of the training records without a speaker."""
-    from model.splits import _has_group
+    from model.splits import has_group
 
-    grouped = _has_group(speakers[train])
+    grouped = has_group(speakers[train])
     actors = sorted({str(s) for s in speakers[train][grouped]})
-    all_actors = sorted({str(s) for s in speakers[_has_group(speakers)]})
+    all_actors = sorted({str(s) for s in speakers[has_group(speakers)]})
     held_actor = next(a for a in all_actors[fold + 1:] + all_actors if a in actors)
     names = np.array([str(s) for s in speakers[train]])
     val = grouped & (names == held_actor)

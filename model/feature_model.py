@@ -604,13 +604,13 @@ def member_folds(y: np.ndarray, groups: Sequence[object] | None, n_folds: int, s
     folds (largest groups first, each to the fold with the fewest grouped records so far);
     the folds beyond the groups hold only ungrouped records, spread stratified over all folds.
     """
-    from model.splits import _has_group, grouped_folds
+    from model.splits import has_group, grouped_folds
 
     y = np.asarray(y)
     if groups is None:
         return grouped_folds(y, None, n_folds, seed)
     groups = np.asarray(groups, dtype=object)
-    grouped = _has_group(groups)
+    grouped = has_group(groups)
     names = np.array([str(g) for g in groups])
     distinct = sorted(set(names[grouped]))
     if len(distinct) >= n_folds or len(distinct) < 2:

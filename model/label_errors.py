@@ -50,7 +50,7 @@ from typing import Sequence
 import numpy as np
 
 from model.inputs import FEATURE_INPUTS, MODALITIES, presence
-from model.splits import _has_group, grouped_folds
+from model.splits import has_group, grouped_folds
 
 METHODS = ("confident_joint", "argmax", "both", "prune_by_noise_rate", "prune_by_class")
 DEFAULT_METHOD = "argmax"
@@ -137,7 +137,7 @@ def fold_count(groups: Sequence[object] | None, n_folds: int) -> int:
     if groups is None:
         return n_folds
     known = np.asarray(groups, dtype=object)
-    names = {str(g) for g in known[_has_group(known)]}
+    names = {str(g) for g in known[has_group(known)]}
     return len(names) if 2 <= len(names) < n_folds else n_folds
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit, ShuffleSplit
 
 
-def _has_group(groups: np.ndarray) -> np.ndarray:
+def has_group(groups: np.ndarray) -> np.ndarray:
     """True where a record carries a usable group (speaker) id: not None, not NaN, not empty."""
     out = np.zeros(len(groups), dtype=bool)
     for i, g in enumerate(groups):
@@ -48,7 +48,7 @@ def grouped_split(
     groups = np.asarray(groups, dtype=object)
     if len(groups) != n:
         raise ValueError(f"{len(groups)} groups for {n} records")
-    grouped = _has_group(groups)
+    grouped = has_group(groups)
     kept, held = [], []
     if grouped.any():
         positions = np.flatnonzero(grouped)
@@ -80,7 +80,7 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray | None = None, n_folds: int 
 
     y = np.asarray(y)
     folds: list[list[np.ndarray]] = [[] for _ in range(n_folds)]
-    grouped = _has_group(np.asarray(groups, dtype=object)) if groups is not None else np.zeros(len(y), bool)
+    grouped = has_group(np.asarray(groups, dtype=object)) if groups is not None else np.zeros(len(y), bool)
     if grouped.any():
         positions = np.flatnonzero(grouped)
         names = np.array([str(g) for g in np.asarray(groups, dtype=object)[grouped]])
@@ -110,7 +110,7 @@ def leave_one_group_out(y: np.ndarray, groups: np.ndarray, seed: int = 13) -> li
 
     y = np.asarray(y)
     groups = np.asarray(groups, dtype=object)
-    grouped = _has_group(groups)
+    grouped = has_group(groups)
     names = sorted({str(g) for g in groups[grouped]})
     if len(names) < 2:
         raise ValueError(f"leave-one-group-out needs at least two groups, got {names}")
