@@ -22,18 +22,22 @@ Protocol:
 - repeated over ``--seeds`` (the same seed set and split for every strategy of a seed, so
   the seed round's model is trained once per seed and shared).
 
-``--eval val`` chooses: the pool is split the same speaker-independent way into a smaller
-pool and a validation side (the test split is not touched), and the strategy that needs the
-fewest labels to reach random's final macro-F1 (ties: the higher mean macro-F1 over the
-curve) is written to ``bench/out/active_learning_choice.json``; that is the product's default
-(``core.settings``' ``selection_strategy``). ``--eval test`` reports: the chosen strategy is
-``--chosen`` (default: the product's default strategy), never picked on test.
+``--eval val`` chooses, without touching the test split: one fold per speaker of the pool
+(``--val-speakers``), each splitting the pool the same speaker-independent way into a smaller
+pool and a validation side (that speaker, and the fold's own disjoint ``--val-share`` of the
+records without a speaker). The curves of every fold and seed are pooled, and the strategy that
+needs the fewest labels to reach random's final macro-F1 (ties: the higher mean macro-F1 over
+the curve) is written to ``bench/out/active_learning_choice.json``; that is the product's
+default (``core.settings``' ``selection_strategy``). One speaker's fold alone was too small
+to rank the strategies (223 records; seed spreads as large as the differences). ``--eval test``
+reports: the chosen strategy is ``--chosen`` (default: the product's default strategy), never
+picked on test.
 
 Prints the learning-curve table (macro-F1 mean±std over seeds per label count), the labels
 each strategy needs to reach random's final macro-F1, the stopping signal, saves a PNG
 under ``bench/out/`` and ends with one JSON line.
 
-    nice python bench/active_learning.py --eval val --seeds 100,101,102  # choose (writes the choice)
+    nice python bench/active_learning.py --eval val --seeds 100,101  # choose (writes the choice)
     nice python bench/active_learning.py --eval test --strategies random  # report random + the default
 """
 
@@ -108,20 +112,36 @@ def load_dataset(data_dir: Path, out_dir: Path) -> Dataset:
 
 
 def speaker_independent_split(y: np.ndarray, speaker: np.ndarray, candidates: np.ndarray,
-                              held_speakers: set[str], held_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+                              held_speakers: set[str], held_share: float, seed: int,
+                              chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split ``candidates`` into (kept, held): records of ``held_speakers`` all go to held, other
-    speakers all stay, records without a speaker are split stratified by label."""
+    speakers all stay, records without a speaker are split stratified by label.
+
+    ``chunk`` k holds out the k-th ``held_share`` of each label's shuffled anonymous records (the
+    shuffle depends on ``seed`` only), so folds with different chunks hold out disjoint records."""
+    if (chunk + 1) * held_share > 1 + 1e-9:
+        raise ValueError(f"chunk {chunk} of share {held_share} does not fit in the records")
     rng = np.random.default_rng(seed)
     held: list[int] = [int(i) for i in candidates if speaker[i] in held_speakers]
     anonymous = np.array([i for i in candidates if not speaker[i]], dtype=np.int64)
     for label in np.unique(y[anonymous]):
         members = rng.permutation(anonymous[y[anonymous] == label])
-        held.extend(members[: int(round(held_share * members.size))].tolist())
+        size = int(round(held_share * members.size))
+        held.extend(members[chunk * size: (chunk + 1) * size].tolist())
     held_arr = np.sort(np.array(held, dtype=np.int64))
     kept = np.setdiff1d(candidates, held_arr)
     # The guarantee this split exists for: no speaker on both sides.
     assert not ({s for s in speaker[kept] if s} & {s for s in speaker[held_arr] if s})
     return kept, held_arr
+
+
+def validation_folds(y: np.ndarray, speaker: np.ndarray, pool: np.ndarray, speakers: list[str],
+                     share: float, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(fold name, smaller pool, validation) per speaker of ``speakers``: each fold holds out one
+    speaker and its own disjoint ``share`` of the records without a speaker, so every speaker of the
+    pool is validated on once and no anonymous record is validated on twice."""
+    return [(name, *speaker_independent_split(y, speaker, pool, {name}, share, seed, chunk=k))
+            for k, name in enumerate(speakers)]
 
 
 def stratified_seed(y: np.ndarray, pool: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -199,6 +219,7 @@ def select_like_nightly(scores: pa.Table, candidates: np.ndarray, data: Dataset,
 class Curve:
     strategy: str
     seed: int
+    fold: str = "test"  # the validation fold's held-out speaker under --eval val
     labels: list[int] = field(default_factory=list)
     macro_f1: list[float] = field(default_factory=list)
     kappa: list[float | None] = field(default_factory=list)
@@ -206,11 +227,11 @@ class Curve:
     seconds: float = 0.0
 
 
-def run_curve(strategy: str, seed: int, data: Dataset, pool: np.ndarray, evaluation: np.ndarray,
+def run_curve(strategy: str, seed: int, fold: str, data: Dataset, pool: np.ndarray, evaluation: np.ndarray,
               seed_index: np.ndarray, first: Round, watch: np.ndarray, args: argparse.Namespace,
               scratch: Path) -> Curve:
-    """One learning curve from the seed round's ``first`` (shared by the seed's strategies)."""
-    curve = Curve(strategy, seed)
+    """One learning curve from the seed round's ``first`` (shared by the fold and seed's strategies)."""
+    curve = Curve(strategy, seed, fold)
     labeled = np.zeros(len(data), dtype=bool)
     labeled[seed_index] = True
     signal = selection.StabilizingPredictions(window=args.stop_window, threshold=args.stop_threshold)
@@ -232,7 +253,7 @@ def run_curve(strategy: str, seed: int, data: Dataset, pool: np.ndarray, evaluat
         candidates = pool[~labeled[pool]]
         current = train_and_score(data, train, candidates, evaluation, watch, seed)
         current.seconds = time.time() - started  # selection included
-        print(f"    seed {seed} {strategy} round {round_no + 1}: {current.labels} labels, "
+        print(f"    {fold} seed {seed} {strategy} round {round_no + 1}: {current.labels} labels, "
               f"macro-F1 {current.macro_f1:.3f} ({current.seconds:.0f}s)", file=sys.stderr, flush=True)
     return curve
 
@@ -270,10 +291,17 @@ def summarize(curves: list[Curve], strategies: list[str], chosen: str | None = N
             "chosen": reported, "ratio": ratio, "reference": reference}
 
 
+def per_fold(curves: list[Curve], strategies: list[str]) -> dict[str, dict[str, Any]]:
+    """``summarize`` of each fold's curves alone (how consistent the pooled choice is)."""
+    return {fold: summarize([c for c in curves if c.fold == fold], strategies)
+            for fold in sorted({c.fold for c in curves})}
+
+
 def print_report(summary: dict[str, Any], curves: list[Curve], strategies: list[str], args: argparse.Namespace) -> None:
     labels = summary["labels"]
     name_width = max(len(s) for s in strategies) + 2
-    print(f"\nmacro-F1 on the {args.eval} split (mean±std over {len(args.seeds)} seeds), "
+    folds = sorted({c.fold for c in curves})
+    print(f"\nmacro-F1 on the {args.eval} split (mean±std over {len(folds)} fold(s) x {len(args.seeds)} seeds), "
           f"model: train_model(DEFAULT_CONFIG)")
     print("labels".ljust(name_width) + "".join(f"{n:>12d}" for n in labels))
     for s in strategies:
@@ -286,6 +314,12 @@ def print_report(summary: dict[str, Any], curves: list[Curve], strategies: list[
         mark = "  <- chosen on validation" if s == summary["chosen"] and args.eval == "test" else \
             ("  <- best here" if s == summary["best"] and args.eval == "val" else "")
         print(f"  {s.ljust(name_width)}{shown}{mark}")
+    if len(folds) > 1:
+        print("\nper fold (mean over seeds): final macro-F1 / labels to reach that fold's random final")
+        print("fold".ljust(name_width + 6) + "".join(f"{s:>26s}" for s in strategies))
+        for fold, each in per_fold(curves, strategies).items():
+            cells = [f"{each['stats'][s]['mean'][-1]:.3f} / {each['needed'][s] or '-'}" for s in strategies]
+            print(fold.ljust(name_width + 6) + "".join(f"{c:>26s}" for c in cells))
     print(f"\nstopping signal (kappa average, window {args.stop_window}, threshold {args.stop_threshold}) "
           f"and seconds per curve (the shared seed round included):")
     for s in strategies:
@@ -349,7 +383,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval", choices=("test", "val"), default="test",
                         help="val: choose on a speaker-independent split of the pool; test: report")
     parser.add_argument("--test-speakers", default="ravdess-actor-04")
-    parser.add_argument("--val-speakers", default="ravdess-actor-03")
+    parser.add_argument("--val-speakers", default="all",
+                        help="--eval val: the pool speakers validated on, one fold each with its own share of the "
+                             "records without a speaker, pooled (default: every speaker of the pool)")
     parser.add_argument("--test-share", type=float, default=0.25)
     parser.add_argument("--val-share", type=float, default=0.2)
     parser.add_argument("--stop-window", type=int, default=3)
@@ -360,21 +396,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# What makes two runs' curves interchangeable (the strategies and seeds say which curves).
-PROTOCOL_ARGS = ("eval", "rounds", "batch", "seed_labels", "test_speakers", "val_speakers", "test_share", "val_share")
+# What makes two runs' curves interchangeable (the strategies, folds and seeds say which curves);
+# the validation arguments do not matter to a test run.
+PROTOCOL_ARGS = ("eval", "rounds", "batch", "seed_labels", "test_speakers", "test_share")
+VAL_PROTOCOL_ARGS = ("val_speakers", "val_share")
 
 
-def resumed_curves(paths: list[Path], args: argparse.Namespace, strategies: list[str]) -> dict[tuple[str, int], Curve]:
-    """Finished curves of earlier runs with this protocol, by (strategy, seed)."""
-    found: dict[tuple[str, int], Curve] = {}
+def resumed_curves(paths: list[Path], args: argparse.Namespace, strategies: list[str],
+                   folds: list[str]) -> dict[tuple[str, str, int], Curve]:
+    """Finished curves of earlier runs with this protocol, by (strategy, fold, seed)."""
+    protocol = PROTOCOL_ARGS + (VAL_PROTOCOL_ARGS if args.eval == "val" else ())
+    found: dict[tuple[str, str, int], Curve] = {}
     for path in paths:
         saved = json.loads(path.read_text())
-        if any(saved["args"].get(k) != str(getattr(args, k)) for k in PROTOCOL_ARGS):
+        if any(saved["args"].get(k) != str(getattr(args, k)) for k in protocol):
             raise SystemExit(f"{path} was run with another protocol; not resuming from it")
         for item in saved["curves"]:
             curve = Curve(**item)
-            if curve.strategy in strategies and curve.seed in args.seeds:
-                found[(curve.strategy, curve.seed)] = curve
+            if curve.strategy in strategies and curve.fold in folds and curve.seed in args.seeds:
+                found[(curve.strategy, curve.fold, curve.seed)] = curve
     return found
 
 
@@ -400,52 +440,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pool, test = speaker_independent_split(data.y, data.speaker, everything,
                                            set(args.test_speakers.split(",")), args.test_share, seed=12345)
     if args.eval == "val":
-        pool, evaluation = speaker_independent_split(data.y, data.speaker, pool,
-                                                     set(args.val_speakers.split(",")), args.val_share, seed=54321)
+        speakers = (sorted({str(v) for v in data.speaker[pool] if v}) if args.val_speakers == "all"
+                    else args.val_speakers.split(","))
+        folds = validation_folds(data.y, data.speaker, pool, speakers, args.val_share, seed=54321)
     else:
-        evaluation = test
-    print(f"{len(data)} records: pool {pool.size}, {args.eval} {evaluation.size}; model train_model(DEFAULT_CONFIG); "
-          f"seed {args.seed_labels} + {args.rounds} x {args.batch} labels; seeds {args.seeds}; "
-          f"strategies {strategies}", file=sys.stderr, flush=True)
-    # The stopping signal watches a fixed sample of the pool (it never needs labels).
-    watch = pool[selection.stable_sample(data.record_ids[pool].tolist(), min(200, pool.size))]
+        folds = [("test", pool, test)]
+    print(f"{len(data)} records; " + ", ".join(f"{name}: pool {kept.size}, {args.eval} {held.size}"
+                                                for name, kept, held in folds)
+          + f"; model train_model(DEFAULT_CONFIG); seed {args.seed_labels} + {args.rounds} x {args.batch} labels; "
+          f"seeds {args.seeds}; strategies {strategies}", file=sys.stderr, flush=True)
     tag = f"_{args.tag}" if args.tag else ""
     stem = args.out / f"active_learning_{args.eval}{tag}"
 
     curves: list[Curve] = []
-    done = resumed_curves(args.resume_from, args, strategies)
+    done = resumed_curves(args.resume_from, args, strategies, [name for name, _, _ in folds])
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="affectloop-al-") as tmp:
-        for seed in args.seeds:
-            curves += [done[(s, seed)] for s in strategies if (s, seed) in done]
-            todo = [s for s in strategies if (s, seed) not in done]
-            if done:
-                print(f"seed {seed}: reusing {[s for s in strategies if (s, seed) in done]}", file=sys.stderr)
-            if not todo:
-                continue
-            seed_index = stratified_seed(data.y, pool, args.seed_labels, seed)
-            first = train_and_score(data, seed_index, pool[~np.isin(pool, seed_index)], evaluation, watch, seed)
-            print(f"seed {seed}: seed round {first.labels} labels, macro-F1 {first.macro_f1:.3f} "
-                  f"({first.seconds:.0f}s)", file=sys.stderr, flush=True)
-            for strategy in todo:
-                scratch = Path(tmp) / f"{seed}-{strategy}"
-                scratch.mkdir()
-                curve = run_curve(strategy, seed, data, pool, evaluation, seed_index, first, watch, args, scratch)
-                curves.append(curve)
-                print(f"seed {seed} {strategy:>26s}: " + " ".join(f"{v:.3f}" for v in curve.macro_f1)
-                      + f"  ({time.time() - started:.0f}s so far)", file=sys.stderr, flush=True)
-                # Every curve so far, so an interrupted run still leaves its figures.
-                atomic_write_json(stem.with_suffix(".json"), {"args": {k: str(v) for k, v in vars(args).items()},
-                                                              "curves": [asdict(c) for c in curves]})
+        for fold, fold_pool, evaluation in folds:
+            # The stopping signal watches a fixed sample of the pool (it never needs labels).
+            watch = fold_pool[selection.stable_sample(data.record_ids[fold_pool].tolist(), min(200, fold_pool.size))]
+            for seed in args.seeds:
+                curves += [done[(s, fold, seed)] for s in strategies if (s, fold, seed) in done]
+                todo = [s for s in strategies if (s, fold, seed) not in done]
+                if len(todo) < len(strategies):
+                    print(f"{fold} seed {seed}: reusing {[s for s in strategies if s not in todo]}", file=sys.stderr)
+                if not todo:
+                    continue
+                seed_index = stratified_seed(data.y, fold_pool, args.seed_labels, seed)
+                first = train_and_score(data, seed_index, fold_pool[~np.isin(fold_pool, seed_index)], evaluation,
+                                        watch, seed)
+                print(f"{fold} seed {seed}: seed round {first.labels} labels, macro-F1 {first.macro_f1:.3f} "
+                      f"({first.seconds:.0f}s)", file=sys.stderr, flush=True)
+                for strategy in todo:
+                    scratch = Path(tmp) / f"{fold}-{seed}-{strategy}"
+                    scratch.mkdir()
+                    curve = run_curve(strategy, seed, fold, data, fold_pool, evaluation, seed_index, first, watch,
+                                      args, scratch)
+                    curves.append(curve)
+                    print(f"{fold} seed {seed} {strategy:>26s}: " + " ".join(f"{v:.3f}" for v in curve.macro_f1)
+                          + f"  ({time.time() - started:.0f}s so far)", file=sys.stderr, flush=True)
+                    # Every curve so far, so an interrupted run still leaves its figures.
+                    atomic_write_json(stem.with_suffix(".json"), {"args": {k: str(v) for k, v in vars(args).items()},
+                                                                  "curves": [asdict(c) for c in curves]})
 
     summary = summarize(curves, strategies, chosen)
     print_report(summary, curves, strategies, args)
     png = save_plot(summary, strategies, stem.with_suffix(".png"),
-                    f"realmix, train_model(DEFAULT_CONFIG), {args.eval} split, {len(args.seeds)} seeds")
+                    f"realmix, train_model(DEFAULT_CONFIG), {args.eval} split, "
+                    f"{len(folds)} fold(s) x {len(args.seeds)} seeds")
     print(f"\nplot: {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
     if args.eval == "val":
         atomic_write_json(args.out / CHOICE_FILE, {"chosen": summary["best"], "labels_ratio_on_val": summary["ratio"],
-                                                   "needed": summary["needed"], "seeds": args.seeds})
+                                                   "needed": summary["needed"], "seeds": args.seeds,
+                                                   "folds": [name for name, _, _ in folds]})
     result = {
         "labels_ratio_best_vs_random": None if summary["ratio"] is None else round(summary["ratio"], 3),
         "best_strategy": summary["chosen"],
@@ -457,6 +504,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "labels": summary["labels"],
         "curves": curves_summary(summary, strategies),
         "seeds": args.seeds,
+        "folds": [name for name, _, _ in folds],
+        "labels_to_reach_random_final_per_fold": ({fold: each["needed"] for fold, each in per_fold(curves, strategies).items()}
+                                                  if len(folds) > 1 else None),
         "model": "model.training.train_model(DEFAULT_CONFIG)",
         "minutes": round((time.time() - started) / 60, 1),  # this process only
         "curves_resumed": len(done),  # finished curves taken from --resume-from files

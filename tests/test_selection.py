@@ -279,6 +279,28 @@ def test_benchmark_split_is_speaker_independent_and_seed_is_stratified() -> None
     assert bench.labels_to_reach([70, 105], np.array([0.2, 0.25]), 0.3) is None
 
 
+def test_benchmark_validation_folds_rotate_speakers_over_disjoint_anonymous_shares() -> None:
+    bench = _bench_module()
+    y = np.tile(np.arange(7), 60)
+    speaker = np.array(list(np.repeat(["a", "b", "c"], 30)) + [""] * (y.size - 90))
+    pool = np.arange(y.size)
+    folds = bench.validation_folds(y, speaker, pool, ["a", "b", "c"], 0.2, seed=3)
+    assert [name for name, _, _ in folds] == ["a", "b", "c"]
+    anonymous_held = []
+    for name, kept, held in folds:
+        assert set(speaker[held]) - {""} == {name} and name not in set(speaker[kept])
+        assert np.intersect1d(kept, held).size == 0 and kept.size + held.size == pool.size
+        anonymous_held.append(set(held[speaker[held] == ""].tolist()))
+        assert np.bincount(y[held[speaker[held] == ""]], minlength=7).min() >= 6  # stratified: 0.2 of 330 / 7
+    assert not (anonymous_held[0] & anonymous_held[1] or anonymous_held[0] & anonymous_held[2]
+                or anonymous_held[1] & anonymous_held[2])
+    # Chunk 0 is the plain split (the test split is made that way), and shares that do not fit are refused.
+    plain = bench.speaker_independent_split(y, speaker, pool, {"a"}, 0.2, seed=3)
+    assert np.array_equal(plain[1], folds[0][2])
+    with pytest.raises(ValueError):
+        bench.speaker_independent_split(y, speaker, pool, {"a"}, 0.3, seed=3, chunk=3)
+
+
 # ------------------------------------------------------------------ selection where the data is
 
 
