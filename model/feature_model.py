@@ -6,13 +6,14 @@ HOG + LBP face descriptor; ``text_features``: e5 sentence embedding + VADER cues
 (``model.inputs.FEATURE_INPUT_NAMES``).
 
 Network (``build_feature_network``), per modality: standardisation (training mean and
-variance, stored in the model), input dropout, a projection (Dense + ReLU), dropout, and
-its own head (``<m>_logits`` -> ``<m>_probs``, a calibrated softmax). Fusion, selectable:
+variance, stored in the model), input dropout, dropout, and its own head (``<m>_logits`` ->
+``<m>_probs``, a calibrated softmax; linear, or after a Dense + ReLU layer with ``hidden``).
+Fusion, selectable:
 
 - ``late``: the per-modality logits, each divided by its own calibration temperature,
   summed over the present modalities (a product of calibrated experts);
-- ``concat`` / ``weighted`` / ``gated``: ``model.layers``' fusion layers over the
-  projections, then a shared head.
+- ``concat`` / ``weighted`` / ``gated``: ``model.layers``' fusion layers over a projection
+  (Dense + ReLU) of each modality, then a shared head.
 
 Training is one joint fit: the fused output's loss plus ``aux_weight`` times each
 modality head's loss on the records that carry it (sample weights zero elsewhere), class
@@ -115,9 +116,10 @@ def build_feature_network(cfg: FeatureNetworkConfig) -> keras.Model:
             x = layer(x)
             layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
         x = keras.layers.Dropout(cfg.input_dropout, seed=cfg.seed, name=f"{m}_input_dropout")(x)
-        h = keras.layers.Dense(cfg.embed_dim, activation="relu", kernel_regularizer=reg, kernel_initializer=kernel_init(),
-                               name=f"{m}_projection")(x)
-        projections.append(h)
+        projection_init = kernel_init()  # drawn under late fusion too, so the heads' seeds do not depend on it
+        if cfg.fusion != "late":  # late fusion combines the heads' logits; only the other fusions read projections
+            projections.append(keras.layers.Dense(cfg.embed_dim, activation="relu", kernel_regularizer=reg,
+                                                  kernel_initializer=projection_init, name=f"{m}_projection")(x))
         head_in = x
         if cfg.hidden:
             head_in = keras.layers.Dense(cfg.hidden, activation="relu", kernel_regularizer=reg,
