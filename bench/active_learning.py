@@ -453,6 +453,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = args.out / f"active_learning_{args.eval}{tag}"
 
     curves: list[Curve] = []
+
+    def save_curves() -> None:
+        atomic_write_json(stem.with_suffix(".json"), {"args": {k: str(v) for k, v in vars(args).items()},
+                                                      "curves": [asdict(c) for c in curves]})
+
     done = resumed_curves(args.resume_from, args, strategies, [name for name, _, _ in folds])
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="affectloop-al-") as tmp:
@@ -479,9 +484,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     curves.append(curve)
                     print(f"{fold} seed {seed} {strategy:>26s}: " + " ".join(f"{v:.3f}" for v in curve.macro_f1)
                           + f"  ({time.time() - started:.0f}s so far)", file=sys.stderr, flush=True)
-                    # Every curve so far, so an interrupted run still leaves its figures.
-                    atomic_write_json(stem.with_suffix(".json"), {"args": {k: str(v) for k, v in vars(args).items()},
-                                                                  "curves": [asdict(c) for c in curves]})
+                    save_curves()  # every curve so far, so an interrupted run still leaves its figures
+    save_curves()  # the resumed ones too, when every curve came from --resume-from
 
     summary = summarize(curves, strategies, chosen)
     print_report(summary, curves, strategies, args)

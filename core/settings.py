@@ -78,8 +78,9 @@ class Settings(BaseSettings):
     annotation_budget: int = Field(100, ge=0, description="records sent to Label Studio per nightly build")
     review_budget: int = Field(25, ge=0, description="suspected label errors sent to Label Studio for review per run, "
                                                      "lowest self-confidence first (the rest wait for the next run)")
-    selection_strategy: str = Field("diverse_entropy", description="model.selection strategy for the nightly build "
-                                    "(the most label-efficient on a realmix validation split: bench/active_learning.py)")
+    selection_strategy: str = Field("diverse_modality_entropy",
+                                    description="model.selection strategy for the nightly build (the most "
+                                    "label-efficient on realmix validation folds: bench/active_learning.py)")
     promotion_margin: float = Field(0.0, ge=0.0, description="promote when holdout macro-F1 >= production - margin")
     group_field: str = Field("speaker", description="manifest field naming a record's speaker; the holdout keeps each "
                                                       "speaker on one side")

@@ -31,10 +31,10 @@ Strategies (``select(strategy=...)``):
 
 The nightly build has ``probs``, ``modality_probs`` (scoring's per-modality heads) and
 ``embeddings``, not MC samples, so every strategy but the BALD ones runs there
-(``tasks.select.nightly_strategies``). Its default, ``diverse_entropy``, was the most
-label-efficient of random, ``diverse_entropy``, ``modality_entropy`` and
-``diverse_modality_entropy`` on a realmix validation split with the product's own model
-(``bench/active_learning.py --eval val``, three seeds).
+(``tasks.select.nightly_strategies``). Its default, ``diverse_modality_entropy``, was the
+most label-efficient of random, ``diverse_entropy``, ``modality_entropy`` and
+``diverse_modality_entropy`` on realmix validation folds with the product's own model
+(``bench/active_learning.py --eval val``: each pool speaker held out in turn, two seeds).
 
 Guards applied by :func:`select`: a record whose ``eligible_mask`` is False (already labeled
 or pending in Label Studio) is never selected; a budget above the eligible pool returns all
