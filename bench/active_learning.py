@@ -19,8 +19,8 @@ Protocol:
 - a stratified seed (``--seed-labels``, default 70), then ``--rounds`` rounds of ``--batch``
   labels per strategy; the oracle gives the gold label; the model is retrained from scratch
   every round and evaluated (macro-F1) on the evaluation split;
-- repeated over ``--seeds`` (the same seed set and split for every strategy of a seed, so
-  the seed round's model is trained once per seed and shared).
+- repeated over ``--seeds`` (the same seed set and split for every strategy of a fold and
+  seed, so the seed round's model is trained once per fold and seed and shared).
 
 ``--eval val`` chooses, without touching the test split: one fold per speaker of the pool
 (``--val-speakers``), each splitting the pool the same speaker-independent way into a smaller
@@ -33,7 +33,7 @@ to rank the strategies (223 records; seed spreads as large as the differences). 
 reports: the chosen strategy is ``--chosen`` (default: the product's default strategy), never
 picked on test.
 
-Prints the learning-curve table (macro-F1 mean±std over seeds per label count), the labels
+Prints the learning-curve table (macro-F1 mean±std over folds and seeds per label count), the labels
 each strategy needs to reach random's final macro-F1, the stopping signal, saves a PNG
 under ``bench/out/`` and ends with one JSON line.
 
@@ -120,7 +120,8 @@ def speaker_independent_split(y: np.ndarray, speaker: np.ndarray, candidates: np
     ``chunk`` k holds out the k-th ``held_share`` of each label's shuffled anonymous records (the
     shuffle depends on ``seed`` only), so folds with different chunks hold out disjoint records."""
     if (chunk + 1) * held_share > 1 + 1e-9:
-        raise ValueError(f"chunk {chunk} of share {held_share} does not fit in the records")
+        raise ValueError(f"{chunk + 1} disjoint shares of {held_share} do not fit in the records without a "
+                         f"speaker: lower the share (--val-share) or name fewer speakers (--val-speakers)")
     rng = np.random.default_rng(seed)
     held: list[int] = [int(i) for i in candidates if speaker[i] in held_speakers]
     anonymous = np.array([i for i in candidates if not speaker[i]], dtype=np.int64)
@@ -381,7 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed-labels", type=int, default=70)
     parser.add_argument("--seeds", default="0,1,2", type=lambda v: [int(x) for x in v.split(",")])
     parser.add_argument("--eval", choices=("test", "val"), default="test",
-                        help="val: choose on a speaker-independent split of the pool; test: report")
+                        help="val: choose on speaker-independent folds of the pool; test: report")
     parser.add_argument("--test-speakers", default="ravdess-actor-04")
     parser.add_argument("--val-speakers", default="all",
                         help="--eval val: the pool speakers validated on, one fold each with its own share of the "
