@@ -5,8 +5,9 @@ in-process call of the same preprocessing and ``predict`` on the same records.
     python bench/ml_backend.py [--repeats 5] [--n 64]
 
 Demo records (face, text and voice each), their media published into a served folder, the
-product's default model trained briefly on the demo source and promoted in a scratch registry. Each repeat measures the server and the
-in-process call back to back (paired); medians over the repeats. Last line: one JSON object.
+product's default model trained briefly on the demo source and promoted in a scratch
+registry. Each repeat measures the server and the in-process call back to back (paired);
+medians over the repeats. Last line: one JSON object.
 """
 
 from __future__ import annotations
