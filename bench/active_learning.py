@@ -298,11 +298,13 @@ def per_fold(curves: list[Curve], strategies: list[str]) -> dict[str, dict[str, 
             for fold in sorted({c.fold for c in curves})}
 
 
-def print_report(summary: dict[str, Any], curves: list[Curve], strategies: list[str], args: argparse.Namespace) -> None:
+def print_report(summary: dict[str, Any], by_fold: dict[str, dict[str, Any]] | None, curves: list[Curve],
+                 strategies: list[str], args: argparse.Namespace) -> None:
+    """``by_fold``: :func:`per_fold` when there are several folds, else None."""
     labels = summary["labels"]
     name_width = max(len(s) for s in strategies) + 2
-    folds = sorted({c.fold for c in curves})
-    print(f"\nmacro-F1 on the {args.eval} split (mean±std over {len(folds)} fold(s) x {len(args.seeds)} seeds), "
+    print(f"\nmacro-F1 on the {args.eval} split (mean±std over {len(by_fold or [None])} fold(s) x "
+          f"{len(args.seeds)} seeds), "
           f"model: train_model(DEFAULT_CONFIG)")
     print("labels".ljust(name_width) + "".join(f"{n:>12d}" for n in labels))
     for s in strategies:
@@ -315,10 +317,10 @@ def print_report(summary: dict[str, Any], curves: list[Curve], strategies: list[
         mark = "  <- chosen on validation" if s == summary["chosen"] and args.eval == "test" else \
             ("  <- best here" if s == summary["best"] and args.eval == "val" else "")
         print(f"  {s.ljust(name_width)}{shown}{mark}")
-    if len(folds) > 1:
+    if by_fold:
         print("\nper fold (mean over seeds): final macro-F1 / labels to reach that fold's random final")
         print("fold".ljust(name_width + 6) + "".join(f"{s:>26s}" for s in strategies))
-        for fold, each in per_fold(curves, strategies).items():
+        for fold, each in by_fold.items():
             cells = [f"{each['stats'][s]['mean'][-1]:.3f} / {each['needed'][s] or '-'}" for s in strategies]
             print(fold.ljust(name_width + 6) + "".join(f"{c:>26s}" for c in cells))
     print(f"\nstopping signal (kappa average, window {args.stop_window}, threshold {args.stop_threshold}) "
@@ -459,7 +461,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         atomic_write_json(stem.with_suffix(".json"), {"args": {k: str(v) for k, v in vars(args).items()},
                                                       "curves": [asdict(c) for c in curves]})
 
-    done = resumed_curves(args.resume_from, args, strategies, [name for name, _, _ in folds])
+    fold_names = [name for name, _, _ in folds]
+    done = resumed_curves(args.resume_from, args, strategies, fold_names)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="affectloop-al-") as tmp:
         for fold, fold_pool, evaluation in folds:
@@ -489,7 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     save_curves()  # the resumed ones too, when every curve came from --resume-from
 
     summary = summarize(curves, strategies, chosen)
-    print_report(summary, curves, strategies, args)
+    by_fold = per_fold(curves, strategies) if len(folds) > 1 else None
+    print_report(summary, by_fold, curves, strategies, args)
     png = save_plot(summary, strategies, stem.with_suffix(".png"),
                     f"realmix, train_model(DEFAULT_CONFIG), {args.eval} split, "
                     f"{len(folds)} fold(s) x {len(args.seeds)} seeds")
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.eval == "val":
         atomic_write_json(args.out / CHOICE_FILE, {"chosen": summary["best"], "labels_ratio_on_val": summary["ratio"],
                                                    "needed": summary["needed"], "seeds": args.seeds,
-                                                   "folds": [name for name, _, _ in folds]})
+                                                   "folds": fold_names})
     result = {
         "labels_ratio_best_vs_random": None if summary["ratio"] is None else round(summary["ratio"], 3),
         "best_strategy": summary["chosen"],
@@ -509,9 +513,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "labels": summary["labels"],
         "curves": curves_summary(summary, strategies),
         "seeds": args.seeds,
-        "folds": [name for name, _, _ in folds],
-        "labels_to_reach_random_final_per_fold": ({fold: each["needed"] for fold, each in per_fold(curves, strategies).items()}
-                                                  if len(folds) > 1 else None),
+        "folds": fold_names,
+        "labels_to_reach_random_final_per_fold": ({fold: each["needed"] for fold, each in by_fold.items()}
+                                                  if by_fold else None),
         "model": "model.training.train_model(DEFAULT_CONFIG)",
         "minutes": round((time.time() - started) / 60, 1),  # this process only
         "curves_resumed": len(done),  # finished curves taken from --resume-from files

@@ -123,11 +123,10 @@ def main() -> None:
         pa.concat_tables([pq.read_table(p) for p in features]))))
     out_dir = args.workdir / "scores"
     columns = ["record_id", *estimator.INPUT_COLUMNS]
+    model_tables = [pq.read_table(p, columns=columns) for p in features]
     # What the stage writes, computed once: the I/O floor below writes exactly these tables.
-    outputs = [score_features(estimator, pq.read_table(p, columns=columns), DEFAULT_LABELS, version, "bench")
-               for p in features]
-    binary_copies = [as_binary_columns(pq.read_table(p, columns=columns), args.workdir / "binary" / f"{i}.parquet")
-                     for i, p in enumerate(features)]
+    outputs = [score_features(estimator, t, DEFAULT_LABELS, version, "bench") for t in model_tables]
+    binary_copies = [as_binary_columns(t, args.workdir / "binary" / f"{i}.parquet") for i, t in enumerate(model_tables)]
 
     def bare_predict() -> float:
         start = time.perf_counter()
