@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml 2>/dev/null | cksum | cut
 LS_VENV := .venv-labelstudio
 LS_VERSION := 1.23.2
 LS_STAMP := $(LS_VENV)/.installed-$(LS_VERSION)
+# MediaPipe's face-landmark model, extracted from its pinned wheel (tasks/preprocess/face_mesh.py).
+FACE_MESH := $(VENV)/share/affectloop/face_landmark.tflite
 DATA ?= data
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -34,7 +36,10 @@ $(STAMP): pyproject.toml | $(PY)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-install: $(STAMP)
+$(FACE_MESH): | $(STAMP)
+	$(PY) -c 'from tasks.preprocess.face_mesh import main; raise SystemExit(main(["install"]))'
+
+install: $(STAMP) $(FACE_MESH)
 
 $(LS_STAMP):
 	$(PYTHON) -m venv $(LS_VENV)

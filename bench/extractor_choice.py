@@ -23,15 +23,17 @@ sys.path.insert(0, str(ROOT))
 
 
 def candidates(X: dict, raw_text: np.ndarray) -> dict[str, dict[str, object]]:
-    from tasks.preprocess.image import HOG_BINS
+    from tasks.preprocess.image import HOG_BINS, face_descriptor_size
     n_hog6 = 7 * 7 * 4 * HOG_BINS
     n_hog = n_hog6 + 3 * 3 * 4 * HOG_BINS
+    n_texture = face_descriptor_size()  # HOG + LBP; the face-mesh landmarks follow
     img = X["image_features"]
     logmel = X["logmel"]
     band = np.concatenate([logmel.mean(1), logmel.std(1), logmel.max(1), logmel.min(1)], axis=1)
     return {
         "image": {"raw pixels": X["image"].reshape(len(img), -1), "hog (2 scales)": img[:, :n_hog],
-                  "lbp grid": img[:, n_hog:], "hog+lbp (default)": img},
+                  "lbp grid": img[:, n_hog:n_texture], "hog+lbp": img[:, :n_texture],
+                  "face mesh landmarks": img[:, n_texture:], "hog+lbp+mesh (default)": img},
         "text": {"tfidf words+chars": raw_text, "e5": X["text_features"][:, :384],
                  "e5+vader+cues (default)": X["text_features"]},
         "audio": {"log-mel band stats": band, "prosody": X["prosody"],

@@ -216,10 +216,10 @@ class FeatureSpec:
 
     # The default feature extractors (``tasks.preprocess``): name+version and output width.
     # Their names are part of the cache namespace, so changing one recomputes the features.
-    image_extractor: str = "hoglbp1"
+    image_extractor: str = "hoglbp1+mesh1"
     text_extractor: str = "e5q4vader1"
     audio_extractor: str = "mfccfun1"
-    n_image_features: int = 3032
+    n_image_features: int = 4437
     n_text_features: int = 393
     n_audio_features: int = 261
 

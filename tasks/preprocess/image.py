@@ -12,9 +12,11 @@ near-square image (both sides at most ``FACE_CROP_MAX_SIDE`` px, aspect ratio at
 inconsistently (on realmix's 48 px FER faces it fired on 235 of 1,050 and zoomed in on
 them, while the rest kept their original framing).
 
-:func:`face_descriptor` is the face branch's default feature extractor: hand-crafted, no
-weights — histograms of oriented gradients (OpenCV's ``HOGDescriptor``) at two cell sizes
-plus uniform local-binary-pattern histograms on a grid, on the standardised face.
+:func:`face_features` is the face branch's default feature extractor: :func:`face_descriptor`
+(hand-crafted, no weights — histograms of oriented gradients, OpenCV's ``HOGDescriptor``, at
+two cell sizes plus uniform local-binary-pattern histograms on a grid, on the standardised
+face) followed by :func:`tasks.preprocess.face_mesh.face_geometry` (MediaPipe's 468 face
+landmarks, aligned).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 import cv2
+
+from tasks.preprocess.face_mesh import FACE_MESH_SIZE, FACE_MESH_VERSION, face_geometry
 
 FACE_DETECTOR_HAAR = "haar"
 FACE_DETECTOR_CENTER = "center_crop"
@@ -226,3 +230,17 @@ def face_descriptor(pixels: np.ndarray) -> np.ndarray:
     parts = [_hog(size, cell).compute(u8).ravel() for cell in HOG_CELLS]
     parts.append(lbp_histograms(u8))
     return np.concatenate(parts).astype(np.float32)
+
+
+# Texture (HOG + LBP) and geometry (landmarks) of the face: measured apart and together in
+# bench/extractor_choice.py, chosen together on validation (README, "Features and the cache").
+FACE_FEATURES_VERSION = f"{FACE_DESCRIPTOR_VERSION}+{FACE_MESH_VERSION}"
+
+
+def face_features_size() -> int:
+    return face_descriptor_size() + FACE_MESH_SIZE
+
+
+def face_features(pixels: np.ndarray) -> np.ndarray:
+    """:func:`face_descriptor` then :func:`~tasks.preprocess.face_mesh.face_geometry`; float32."""
+    return np.concatenate([face_descriptor(pixels), face_geometry(pixels)])

