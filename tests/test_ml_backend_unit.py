@@ -100,6 +100,20 @@ def test_bad_tasks_get_a_clear_422_naming_them_and_nothing_outside_is_read(backe
     assert "Traceback" not in response.text and "secret" not in response.text
 
 
+def test_a_broken_extractor_install_is_a_503_not_a_bad_task(backend, monkeypatch):
+    import threading
+
+    import tasks.preprocess.face_mesh as mesh
+
+    monkeypatch.setattr(mesh, "model_path", lambda: backend["root"] / "nowhere" / mesh.MODEL_FILE)
+    monkeypatch.setattr(mesh, "_local", threading.local())
+    response = backend["client"].post("/predict", json={"tasks": [_task(0, backend["names"])], "label_config": CONFIG},
+                                      headers=AUTH)
+    assert response.status_code == 503
+    assert "cannot extract features" in response.text and "make install" in response.text
+    assert "Traceback" not in response.text
+
+
 def test_unknown_label_config_and_malformed_requests_are_refused_clearly(backend):
     client, names = backend["client"], backend["names"]
     other = CONFIG.replace('value="joy"', 'value="happiness"')

@@ -20,7 +20,8 @@ as the nightly build (``tasks.features.featurize``) in one batch through the mod
 
 Errors are JSON ``{"error": …}`` with a status that says whose fault it is (401 no or wrong
 credentials, 413 too large, 422 a task without media / media the backend may not read /
-an unknown label config, 503 no production model); never a stack trace.
+an unknown label config, 503 no production model or a feature extractor not installed);
+never a stack trace.
 """
 
 from __future__ import annotations
@@ -244,8 +245,8 @@ class Predictor:
                 audio = read_media(audio_path) if audio_path else None
                 try:
                     features = featurize(text, image, audio, spec, stop)
-                except ExtractorUnavailable:
-                    raise  # the server's install, not the task's media: a server error, not a 422
+                except ExtractorUnavailable as exc:  # the server's install, not the task's media
+                    raise BackendError(503, f"this server cannot extract features: {exc}") from None
                 except Exception as exc:  # noqa: BLE001 - the record's media, not the server
                     raise TaskError(f"media cannot be decoded ({type(exc).__name__})") from None
             except TaskError as exc:
