@@ -52,7 +52,8 @@ from sklearn.utils.class_weight import compute_class_weight
 from core.schemas import DEFAULT_LABELS
 from model.keras_files import save_keras
 from model.calibration import fit_late_fusion, fit_temperature
-from model.inputs import FEATURE_INPUT_NAMES, FEATURE_INPUTS, MODALITIES, n_records, presence_key, subset
+from model.inputs import (FEATURE_INPUT_NAMES, FEATURE_INPUTS, MODALITIES, check_widths, n_records, presence_key,
+                          subset)
 from model.layers import FUSION_LAYERS, CalibratedSoftmax, LateFusion, ModalityDropout
 from model.splits import grouped_split
 
@@ -473,6 +474,12 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         return data.batch(self.batch_size if shuffle else PREDICT_BATCH)
 
     # --------------------------------------------------------------- prediction
+    def _inputs(self, X: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The named inputs, refused when their widths are not the ones this model was trained on."""
+        X = _feature_inputs(X)
+        check_widths(X, {FEATURE_INPUTS[m]: int(self.model_.input[FEATURE_INPUTS[m]].shape[-1]) for m in MODALITIES})
+        return X
+
     def _forward(self, X: dict[str, np.ndarray]) -> list[np.ndarray]:
         """[fused probs, image probs, text probs, audio probs, embedding] from one forward pass.
 
@@ -481,7 +488,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         of set-up per call (data adapter, callbacks, step function), which dominated scoring a
         1,000-record partition with this small model; the outputs are the same.
         """
-        X = _feature_inputs(X)
+        X = self._inputs(X)
         serve = self._serving_function()
         n = n_records(X)
         batches = [serve({name: tf.convert_to_tensor(X[name][start:start + SERVE_BATCH]) for name in FEATURE_INPUT_NAMES})
@@ -517,7 +524,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba_by_modality_and_embed(self, X: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """``predict_proba_by_modality`` and the fused embedding, still one forward pass (scoring)."""
-        X = _feature_inputs(X)
+        X = self._inputs(X)
         fused, *per_modality, emb = self._forward(X)
         out = {"fused": fused}
         for m, proba in zip(MODALITIES, per_modality):
@@ -528,7 +535,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_logits(self, X: dict[str, np.ndarray]) -> np.ndarray:
         """(N, C) fused logits before the fused temperature."""
-        return self._logits(_feature_inputs(X), "fused_logits")
+        return self._logits(self._inputs(X), "fused_logits")
 
     def embed(self, X: dict[str, np.ndarray]) -> np.ndarray:
         return self._forward(X)[4]
@@ -543,7 +550,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
         Modality dropout stays off (it is not uncertainty about the record); every other
         dropout layer samples.
         """
-        X = _feature_inputs(X)
+        X = self._inputs(X)
         tensors = {k: tf.constant(v) for k, v in X.items()}
         layers = [layer for layer in _all_layers(self.model_) if isinstance(layer, ModalityDropout)]
         rates = [layer.rate for layer in layers]

@@ -169,6 +169,21 @@ def arrays_from_features(table: pa.Table, spec: FeatureSpec | None = None) -> di
     }
 
 
+class IncompatibleFeatures(ValueError):
+    """Feature vectors of another width than the model was trained on: the extractors changed
+    since (a new ``FeatureSpec``), so the model cannot read them and must be retrained."""
+
+
+def check_widths(X: dict[str, np.ndarray], widths: dict[str, int]) -> None:
+    """Raise :class:`IncompatibleFeatures` unless every input in ``widths`` has that many columns."""
+    wrong = {name: (int(X[name].shape[-1]), width) for name, width in widths.items()
+             if name in X and int(X[name].shape[-1]) != width}
+    if wrong:
+        detail = ", ".join(f"{name} has {got} values, the model was trained on {want}" for name, (got, want) in wrong.items())
+        raise IncompatibleFeatures(f"{detail}: the feature extractors changed since this model was trained; "
+                                   "train one on the current features (`affectloop retrain`)")
+
+
 def n_records(X: dict[str, np.ndarray]) -> int:
     """Number of records in a named-input dict."""
     return len(X["image_present"])

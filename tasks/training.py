@@ -186,7 +186,7 @@ def retrain(layout: DataLayout, labels: Sequence[str], fusion: str | None = None
     register it, and promote it when macro-F1 is not worse than production's minus ``margin``.
     Records with an open suspected-label-error flag are on neither side (the holdout itself is
     drawn over every labeled record, so a flag never moves a record across it)."""
-    from model.inputs import arrays_from_features
+    from model.inputs import IncompatibleFeatures, arrays_from_features
     from model.training import DEFAULT_CONFIG, train_model
     from model.metrics import evaluate, plot_confusion_matrix, plot_learning_curve
     from model.registry import ModelRegistry
@@ -226,9 +226,18 @@ def retrain(layout: DataLayout, labels: Sequence[str], fusion: str | None = None
 
     production = registry.production_version()
     production_metrics: dict = {}
+    unreadable = None
     if production is not None:
-        production_metrics = evaluate(y_hold, registry.load(production).predict_proba(X_hold), list(labels))
-    ok, reason = registry.should_promote(metrics, margin, production_metrics=production_metrics or None)
+        try:
+            production_metrics = evaluate(y_hold, registry.load(production).predict_proba(X_hold), list(labels))
+        except IncompatibleFeatures as exc:
+            # Trained before the extractors changed: it cannot score anything any more, so it
+            # cannot be the bar a model of the current features has to clear.
+            unreadable = f"production {production} cannot read the current features ({exc})"
+    if unreadable:
+        ok, reason = True, f"{unreadable}; candidate macro-F1 {metrics['macro_f1']:.4f}"
+    else:
+        ok, reason = registry.should_promote(metrics, margin, production_metrics=production_metrics or None)
     if ok and promote:
         registry.promote(version)
     return RetrainResult(version, bool(ok and promote), reason, train_table.num_rows, hold_table.num_rows, metrics,

@@ -199,6 +199,33 @@ def test_retrain_holds_flagged_records_out_of_training_and_the_holdout(tmp_path,
     assert card["training_data_hash"] == training_data_hash(table.filter(pa.array(keep)))
 
 
+def test_a_production_model_of_older_features_is_refused_clearly_and_replaced_by_retrain(tmp_path, monkeypatch):
+    # An upgrade that changes an extractor changes the features' widths: the old production
+    # model cannot read them. Scoring must say so (not a shape error deep in Keras), and the
+    # retrain gate must not hold the new candidate to a model that can no longer score.
+    import model.training as training
+    from model.inputs import IncompatibleFeatures, arrays_from_features
+    from model.registry import ModelRegistry
+    from tasks.training import labeled_features, retrain
+
+    tiny = training.TrainConfig(epochs=3, n_members=2, pca_dim=8)
+    monkeypatch.setattr(training, "DEFAULT_CONFIG", tiny)
+    layout, ids, labels, _ = _layout_with_labels(tmp_path)
+    X = arrays_from_features(labeled_features(layout))
+    older = {**X, "image_features": X["image_features"][:, :-3]}  # as if trained before the extractor grew
+    old_model = training.train_model(older, labels, config=tiny, labels=LABELS, seed=1)
+    registry = ModelRegistry(layout.models)
+    old_version = registry.register(old_model, metrics={"macro_f1": 0.99}, training_data_hash="old", params={})
+    registry.promote(old_version)
+    with pytest.raises(IncompatibleFeatures, match="image_features has .* trained on .*affectloop retrain"):
+        registry.load(old_version).predict_proba(X)
+
+    result = retrain(layout, LABELS, min_train=5)
+    assert result.promoted and registry.production_version() == result.version != old_version
+    assert f"production {old_version} cannot read the current features" in result.reason
+    assert registry.load(result.version).predict_proba(X).shape == (len(ids), len(LABELS))
+
+
 @pytest.mark.service
 def test_retrain_flow_flags_first_and_holds_the_flags_out(tmp_path, prefect_api_url, monkeypatch):
     """The retrain flow on a real Prefect API: its first stage writes the flags (and their

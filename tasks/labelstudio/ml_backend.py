@@ -20,8 +20,8 @@ as the nightly build (``tasks.features.featurize``) in one batch through the mod
 
 Errors are JSON ``{"error": …}`` with a status that says whose fault it is (401 no or wrong
 credentials, 413 too large, 422 a task without media / media the backend may not read /
-an unknown label config, 503 no production model or a feature extractor not installed);
-never a stack trace.
+an unknown label config, 503 no production model, one older than the features, or a feature
+extractor not installed); never a stack trace.
 """
 
 from __future__ import annotations
@@ -282,6 +282,8 @@ class Predictor:
         return [Prediction(labels[j], float(fused[i, j]), lines[i]) for i, j in enumerate(top)]
 
     def predict(self, tasks: Sequence[dict[str, Any]], label_config: str) -> dict[str, Any]:
+        from model.inputs import IncompatibleFeatures
+
         if not isinstance(tasks, list) or not tasks:
             raise BackendError(422, "no tasks: the request needs a non-empty list 'tasks'")
         if len(tasks) > MAX_TASKS:
@@ -292,8 +294,12 @@ class Predictor:
             raise BackendError(503, "no production model yet (models/PRODUCTION is missing): train and promote one")
         check_labels(config, list(model.classes_))
         rows, feats = self.featurize_tasks(tasks)
+        try:
+            predictions = self.predict_features(rows, feats, model)
+        except IncompatibleFeatures as exc:  # production predates an extractor change
+            raise BackendError(503, f"production model {version} cannot read this server's features: {exc}") from None
         results = []
-        for p in self.predict_features(rows, feats, model):
+        for p in predictions:
             result = [{"from_name": config.from_name, "to_name": config.to_name, "type": "choices",
                        "value": {"choices": [p.label]}}]
             if p.line and config.modalities_name:
