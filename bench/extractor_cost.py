@@ -20,14 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> dict:
+    import numpy as np
     from threadpoolctl import threadpool_limits
 
     from affectloop.demo import generate_demo
