@@ -18,7 +18,6 @@ instead of surfacing as an obscure Keras error, and nothing about ``PRODUCTION``
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from core.io import atomic_write_json, atomic_write_text, read_json, staging_dir
+from core.io import atomic_write_json, atomic_write_text, read_json, sha256_file, staging_dir
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "model_card.json"
@@ -36,14 +35,6 @@ VERSION_PATTERN = re.compile(r"^v(\d{4,})-\d{8}T\d{6}Z$")
 
 class ModelLoadError(RuntimeError):
     """A registered model cannot be loaded (missing, damaged or not a model); names the file."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ModelRegistry:
@@ -96,7 +87,7 @@ class ModelRegistry:
         if not path.is_file():
             raise ModelLoadError(f"model file {path} does not exist")
         expected = self.card(version).get("model_sha256")
-        if expected and _sha256(path) != expected:
+        if expected and sha256_file(path) != expected:
             raise ModelLoadError(f"model file {path} is damaged: its sha256 does not match the model card")
         try:
             return load_estimator(path)
@@ -130,7 +121,7 @@ class ModelRegistry:
                 "vocabulary_size": len(getattr(estimator, "vocabulary_", [])),
                 "created_at": created.isoformat(),
                 "model_file": MODEL_FILE,
-                "model_sha256": _sha256(staged / MODEL_FILE),
+                "model_sha256": sha256_file(staged / MODEL_FILE),
             }
             # Claim the next number with an atomic rename: if another process took it
             # first, the rename fails (the target exists) and we try the next number.

