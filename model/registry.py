@@ -146,14 +146,17 @@ class ModelRegistry:
         return int(VERSION_PATTERN.match(versions[-1]).group(1)) + 1 if versions else 1
 
     def should_promote(self, candidate_metrics: dict[str, Any], margin: float = 0.0,
-                       production_metrics: dict[str, Any] | None = None) -> tuple[bool, str]:
+                       production_metrics: dict[str, Any] | None = None,
+                       production_error: str | None = None) -> tuple[bool, str]:
         """Promote when the candidate's holdout macro-F1 >= production's - ``margin``.
 
         ``production_metrics``: production re-evaluated on the same holdout as the
         candidate (preferred: the holdout can grow between runs); without it, the metrics
-        on production's card are used. Always true when nothing is in production, or when
-        production's figure cannot be read (a damaged production should not block a
-        working candidate).
+        on production's card are used. ``production_error``: why production could not be
+        evaluated on that holdout at all (it cannot read the current features). Always true
+        when nothing is in production, when production could not be evaluated, or when its
+        figure cannot be read (a damaged or outdated production should not block a working
+        candidate).
         """
         candidate = _macro_f1(candidate_metrics)
         if candidate is None:
@@ -161,6 +164,8 @@ class ModelRegistry:
         version = self.production_version()
         if version is None:
             return True, f"no production model yet; candidate macro-F1 {candidate:.4f}"
+        if production_error:
+            return True, f"production {version} {production_error}; candidate macro-F1 {candidate:.4f}"
         if production_metrics is not None:
             production, source = _macro_f1(production_metrics), "re-evaluated on this holdout"
         else:

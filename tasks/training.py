@@ -226,18 +226,16 @@ def retrain(layout: DataLayout, labels: Sequence[str], fusion: str | None = None
 
     production = registry.production_version()
     production_metrics: dict = {}
-    unreadable = None
+    production_error = None
     if production is not None:
         try:
             production_metrics = evaluate(y_hold, registry.load(production).predict_proba(X_hold), list(labels))
         except IncompatibleFeatures as exc:
             # Trained before the extractors changed: it cannot score anything any more, so it
             # cannot be the bar a model of the current features has to clear.
-            unreadable = f"production {production} cannot read the current features ({exc})"
-    if unreadable:
-        ok, reason = True, f"{unreadable}; candidate macro-F1 {metrics['macro_f1']:.4f}"
-    else:
-        ok, reason = registry.should_promote(metrics, margin, production_metrics=production_metrics or None)
+            production_error = f"cannot read the current features ({exc})"
+    ok, reason = registry.should_promote(metrics, margin, production_metrics=production_metrics or None,
+                                         production_error=production_error)
     if ok and promote:
         registry.promote(version)
     return RetrainResult(version, bool(ok and promote), reason, train_table.num_rows, hold_table.num_rows, metrics,
