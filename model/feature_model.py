@@ -524,7 +524,7 @@ class FeatureFusionClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba_by_modality_and_embed(self, X: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """``predict_proba_by_modality`` and the fused embedding, still one forward pass (scoring)."""
-        X = self._inputs(X)
+        X = _feature_inputs(X)  # for the presence masks; _forward checks the widths
         fused, *per_modality, emb = self._forward(X)
         out = {"fused": fused}
         for m, proba in zip(MODALITIES, per_modality):

@@ -114,6 +114,29 @@ def test_a_broken_extractor_install_is_a_503_not_a_bad_task(backend, monkeypatch
     assert "Traceback" not in response.text
 
 
+def test_a_production_model_older_than_the_features_is_a_503(backend, tmp_path):
+    from starlette.testclient import TestClient
+
+    from model.inputs import arrays_from_features
+    from model.registry import ModelRegistry
+    from model.training import DEFAULT_CONFIG, train_model
+    from tests.test_model_unit import synthetic_table
+
+    table, y = synthetic_table(n=28)
+    X = arrays_from_features(table)
+    X["image_features"] = X["image_features"][:, :-3]  # as if trained before the extractor grew
+    old = train_model(X, y, config=DEFAULT_CONFIG.with_overrides(epochs=1, n_members=2), labels=list(DEFAULT_LABELS))
+    registry = ModelRegistry(tmp_path / "models")
+    registry.promote(registry.register(old, metrics={"macro_f1": 0.0}, training_data_hash="old", params={}))
+    app = create_app(Predictor(tmp_path / "models", backend["root"] / "media"), USER, PASSWORD)
+    with TestClient(app) as client:
+        response = client.post("/predict", json={"tasks": [_task(0, backend["names"])], "label_config": CONFIG},
+                               headers=AUTH)
+    assert response.status_code == 503
+    assert "cannot read this server's features" in response.text and "affectloop retrain" in response.text
+    assert "Traceback" not in response.text
+
+
 def test_unknown_label_config_and_malformed_requests_are_refused_clearly(backend):
     client, names = backend["client"], backend["names"]
     other = CONFIG.replace('value="joy"', 'value="happiness"')
