@@ -28,6 +28,15 @@ from tasks.score import production_version_task
 from tasks.select import stopping_signal_task
 
 
+def model_note(built: dict[str, Any]) -> str:
+    """Which model scored a build, for the stage table."""
+    if built["cold_start"]:
+        return "cold start"
+    if built["production_outdated"]:
+        return "production model outdated (older features): not used, retrain"
+    return f"model {built['model_version']}"
+
+
 @flow(name="affectloop-loop", log_prints=True)
 def loop(source: str | None = None, data_root: str | None = None, rounds: int = 2, demo: bool = False,
          annotators: int = 1, error_rate: float = 0.1, epochs: int | None = None, fusion: str | None = None,
@@ -42,7 +51,7 @@ def loop(source: str | None = None, data_root: str | None = None, rounds: int = 
     with report.stage("build (round 0)") as stage:
         built = nightly_build(source, data_root, annotation_budget=settings.annotation_budget)
         stage.counts = {"records": built["records_valid"], "scored": built["scored"], "selected": built["selected"]}
-        stage.note = "cold start" if built["cold_start"] else f"model {built['model_version']}"
+        stage.note = model_note(built)
     records_paths = built["records_paths"]
 
     if production_version_task(layout.models) is None:
@@ -74,7 +83,7 @@ def loop(source: str | None = None, data_root: str | None = None, rounds: int = 
         with report.stage(f"rescore (round {index})") as stage:
             built = nightly_build(source, data_root, annotation_budget=settings.annotation_budget)
             stage.counts = {"scored": built["scored"], "selected": built["selected"]}
-            stage.note = f"model {built['model_version']}"
+            stage.note = model_note(built)
         stopping = stopping_signal_task(layout, built["run_id"])
         rounds_table.append({"round": index, **trained,
                              "stopping_kappa": stopping["kappa_average"] if stopping else None})

@@ -2,7 +2,9 @@
 
     ingest+features  split the manifest, validate and featurise partitions on Dask (content-hash cache)
     score            one Dask task per features partition with the production model
-                     (cold start: no model yet → no scores are written, and the flow says so)
+                     (cold start: no model yet → no scores are written, and the flow says so; a
+                     production model older than the feature extractors is not used either, and
+                     the build goes on as at cold start, saying to retrain)
     labels           this build's gold labels merged into labels/ (before selection: a record
                      with a gold label is never sent to annotators)
     select           uncertainty × diversity over this run's records (cold start: diversity alone):
@@ -32,12 +34,15 @@ from tasks.labels import merge_gold_labels_task
 from tasks.labelstudio.resource import push_to_labelstudio_task
 from tasks.labelstudio.review import sync_and_push_reviews_task
 from tasks.publish import clean_staging_task, publish_rejects_task, publish_scores_task
-from tasks.score import predicted_label_counts_task, production_version_task, score_partition_task
+from tasks.score import (predicted_label_counts_task, production_version_task, score_partition_task,
+                         why_production_cannot_score_task)
 from tasks.features import IngestFeaturesSummary, compact_features_task
 from tasks.select import SelectionResult, check_strategy, select_from_shortlists_task, shortlist_partition_task
 from tasks.training import update_group_index_task
 
 COLD_START_NOTE = "cold start: no production model yet, so no scores were written; selection by diversity alone"
+OUTDATED_NOTE = ("production model {version} cannot read this build's features ({why}); no scores were written, "
+                 "selection by diversity alone: run `affectloop retrain`")
 
 
 @flow(name="nightly-build", task_runner=AffectloopTaskRunner(), log_prints=True)
@@ -56,9 +61,9 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
         stage.counts, report.facts["ingest"] = built.counts, built.ingest_conservation
         if built.records_valid == 0:
             stage.note = f"0 accepted, {built.rejected_ingest} rejected: nothing to score or select"
-    version = production_version_task(settings.layout.models)
+    production = production_version_task(settings.layout.models)
     with report.stage("score") as stage:
-        score_parts = score_build(settings, run_id, version, built.features_paths, stage)
+        version, score_parts = score_build(settings, run_id, production, built.features_paths, stage)
     with report.stage("labels") as stage:
         stage.counts = merge_labels_of_build(settings, built.records_paths)
     with report.stage("select") as stage:
@@ -73,11 +78,13 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
         reviews = review_build(settings, built.records_paths, push_to_label_studio, stage)
     predicted = predicted_label_counts_task(score_parts) if score_parts else {}
     report.facts["predicted labels"] = ", ".join(f"{k}={v}" for k, v in predicted.items()) or COLD_START_NOTE
-    report.facts["model"] = version or "none (cold start)"
+    report.facts["model"] = ((version or "none (cold start)") if version == production
+                             else f"{production} (outdated: cannot read the current features; not used)")
     report.outputs["run folder"] = str(built.run_dir)
     report.finish()
     return {**built.as_dict(), "run_date": run_date.isoformat(), "model_version": version,
-            "cold_start": version is None, "scored": sum(predicted.values()),
+            "cold_start": production is None, "production_outdated": version != production,
+            "scored": sum(predicted.values()),
             "selected": len(selection.selected_ids), "selection_path": str(selection.selection_path),
             "reviews": reviews, "stages": report.table_rows()}
 
@@ -87,17 +94,24 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
 
 
 def score_build(settings: Settings, run_id: str, version: str | None, features_paths: list[str],
-                stage: StageRecord) -> list[str]:
-    """One scoring task per features partition (none at cold start); the scratch score parts."""
+                stage: StageRecord) -> tuple[str | None, list[str]]:
+    """One scoring task per features partition; the version that scored (None: no usable model)
+    and the scratch score parts. Nothing is scored at cold start, nor with a production model
+    that cannot read the current features (the build then goes on as at cold start)."""
     if version is None:
         stage.note = COLD_START_NOTE
-        return []
+        return None, []
+    why = why_production_cannot_score_task.submit(features_paths, settings.layout.models,
+                                                  version).result() if features_paths else None
+    if why:
+        stage.note = OUTDATED_NOTE.format(version=version, why=why)
+        return None, []
     run = settings.layout.run(run_id)
     scored = score_partition_task.map(features_paths, unmapped(settings.layout.models), unmapped(version),
                                       unmapped(run_id), [run.scores_part(i) for i in range(len(features_paths))],
                                       unmapped(settings.labels)).result() if features_paths else []
     stage.counts, stage.note = {"scored": sum(r.n_scored for r in scored)}, f"model {version}"
-    return [str(r.scores_path) for r in scored]
+    return version, [str(r.scores_path) for r in scored]
 
 
 def merge_labels_of_build(settings: Settings, records_paths: list[str]) -> dict[str, int]:

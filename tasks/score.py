@@ -137,6 +137,31 @@ def score_features(model, table: pa.Table, labels: Sequence[str], model_version:
     return out
 
 
+def why_production_cannot_score(features_paths: Sequence[str | Path], models_dir: str | Path,
+                                model_version: str) -> str | None:
+    """Why ``model_version`` cannot score these features partitions, or None when it can.
+
+    A model trained before the feature extractors changed reads vectors of other widths
+    (``model.inputs.IncompatibleFeatures``); it is tried on one record of the first non-empty
+    partition, on a worker, which keeps the loaded model for the scoring tasks after it.
+    """
+    from model.inputs import IncompatibleFeatures, arrays_from_features
+
+    model = load_model_cached(models_dir, model_version)
+    needed = getattr(model, "INPUT_COLUMNS", None)
+    for path in features_paths:
+        file = pq.ParquetFile(path)
+        if file.metadata.num_rows == 0:
+            continue
+        first = pa.Table.from_batches([next(file.iter_batches(batch_size=1, columns=list(needed) if needed else None))])
+        try:
+            model.predict_proba(arrays_from_features(first))
+        except IncompatibleFeatures as exc:
+            return str(exc)
+        return None
+    return None
+
+
 def predicted_label_counts(score_parts: Sequence[str | Path]) -> dict[str, int]:
     """How many records each label was predicted for, over a run's scores (one column read per part)."""
     counts: dict[str, int] = {}
@@ -156,4 +181,5 @@ def production_version(models_dir: str | Path) -> str | None:
 
 score_partition_task = task(score_partition, name="score-partition", **IO_RETRY)
 production_version_task = task(production_version, name="production-version", **IO_RETRY)
+why_production_cannot_score_task = task(why_production_cannot_score, name="check-production-model", **IO_RETRY)
 predicted_label_counts_task = task(predicted_label_counts, name="count-predicted-labels", **IO_RETRY)

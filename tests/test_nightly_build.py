@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.settings import get_settings
-from tests.pipeline_helpers import make_source, tiny_production_model
+from tests.pipeline_helpers import make_source, outdated_production_model, tiny_production_model
 
 pytestmark = pytest.mark.service
 RUN_DATE = date(2026, 11, 30)
@@ -69,6 +69,25 @@ def test_cold_start_then_scored_build_then_rerun(tmp_path, prefect_api_url, monk
     again = ds.dataset(data_root / "scores", format="parquet", partitioning="hive").to_table()
     assert again.num_rows == 35
     assert [p.name for p in (data_root / "scores").iterdir()] == [f"run_date={RUN_DATE}"]
+
+
+def test_a_production_model_older_than_the_features_is_not_used_and_the_build_goes_on(tmp_path, prefect_api_url,
+                                                                                        monkeypatch):
+    # After an upgrade that changed an extractor, the production model cannot read tonight's
+    # features. The build must still ingest, write its rejects, select and queue work for the
+    # annotators (as at cold start), and say why nothing was scored, not fail in scoring.
+    source = make_source(tmp_path / "source", n=40)
+    data_root = tmp_path / "data"
+    version = outdated_production_model(source, data_root)
+    built = _build(source, data_root, monkeypatch, annotation_budget=6)
+    assert built["production_outdated"] is True and built["cold_start"] is False
+    assert built["model_version"] is None and built["scored"] == 0
+    assert not (data_root / "scores").exists()
+    assert built["selected"] == 6
+    assert pq.read_table(data_root / "state" / "labelstudio" / "pending.parquet").num_rows == 6
+    score = next(row for row in built["stages"] if row["stage"] == "score")
+    assert f"production model {version} cannot read this build's features" in score["note"]
+    assert "affectloop retrain" in score["note"]
 
 
 def test_retrain_flow_gates_registers_promotes_and_publishes_its_comparison(tmp_path, prefect_api_url, monkeypatch):
