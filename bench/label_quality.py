@@ -22,10 +22,12 @@ Two sections (issue #16):
 
 The flagging rule's settings (method, cap, the fast model's C and PCA size) are chosen by
 ``--choose``: a speaker-grouped validation split of the training side (a third of it, one
-actor among them) and flips with other seeds on the fitting part; C and PCA size by the
-out-of-fold log-loss of the given labels, then the rule and cap by the validation part's
-macro-F1 of the fast model refitted without its flags. The test side and the reported flips
-never choose anything. ``--choose`` printed: C 0.001, PCA 128, ``argmax``, cap 10 %.
+actor among them) and flips with other seeds on the fitting part; each modality's C and PCA
+size by the out-of-fold log-loss of the given labels under that modality's own expert (at the
+weight the late fusion gives it), then the rule and cap by the validation part's macro-F1 of
+the fast model refitted without its flags. The test side and the reported flips never choose
+anything. ``--choose`` printed: C 0.001 / 0.001 / 0.1 and PCA 256 / 256 / 32 (face / text /
+audio), ``argmax``, cap 10 %.
 
 Features: the product's cached realmix features (``bench/realmix.py``'s loader, under bench/out/).
 
@@ -155,33 +157,52 @@ def macro_f1_of(X: dict, y: np.ndarray, groups: np.ndarray, rows: np.ndarray, X_
 
 def choose(X: dict, y: np.ndarray, speakers: np.ndarray, train: np.ndarray, seeds=(100, 101, 102)) -> dict:
     """The flagging rule's settings on a validation split of the training side, in two stages:
-    the fast model's C and PCA size by the out-of-fold log-loss of the (noisy) given labels on
-    the fitting part — what a user could measure; then the rule and cap by the validation
-    part's macro-F1 of the fast model refitted on the fitting part without its flags."""
+    each modality's C and PCA size by the out-of-fold log-loss of the (noisy) given labels under
+    that modality's own expert, on the fitting part's records carrying it — what a user could
+    measure; then the rule and cap by the validation part's macro-F1 of the fast model refitted
+    on the fitting part without its flags."""
+    from model.inputs import MODALITIES, presence
     from model.metrics import evaluate
 
     fit_part, val_part = grouped_split(y[train], speakers[train], 1 / 3, SEED)
     fit, val = train[fit_part], train[val_part]
     X_fit = {k: v[fit] for k, v in X.items()}
     X_val = {k: v[val] for k, v in X.items()}
+    present = presence(X_fit)
     flips = [label_errors.flip_labels(y[fit], LABELS, NOISE, seed) for seed in seeds]
-    loss: dict[tuple, list[float]] = {}
-    oof: dict[tuple, list[np.ndarray]] = {}
-    for C in (0.001, 0.003, 0.01):
-        for pca in (32, 64, 128):
+    loss: dict[str, dict[tuple, list[float]]] = {m: {} for m in MODALITIES}
+    for C in (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3):
+        for pca in (32, 64, 128, 256):
             for seed, (noisy, _) in zip(seeds, flips):
-                proba = label_errors.out_of_fold_proba(X_fit, noisy, LABELS, speakers[fit], seed=seed, C=C,
-                                                       pca_dim=pca)
                 given = np.array([LABELS.index(v) for v in noisy])
-                loss.setdefault((C, pca), []).append(float(-np.log(proba[np.arange(len(given)), given]).mean()))
-                oof.setdefault((C, pca), []).append(proba)
-    print(f"\n{'C':>7} {'pca':>4} {'out-of-fold log-loss':>21}")
-    best_model = min(loss, key=lambda key: np.mean(loss[key]))
-    for key in sorted(loss):
-        print(f"{key[0]:>7} {key[1]:>4} {np.mean(loss[key]):>21.4f}{'  <- chosen' if key == best_model else ''}")
-    C, pca = best_model
+                by_modality = label_errors.out_of_fold_log_proba_by_modality(X_fit, noisy, LABELS, speakers[fit],
+                                                                             seed=seed, C=C, pca_dim=pca)
+                for j, modality in enumerate(MODALITIES):
+                    rows = np.flatnonzero(present[:, j])
+                    if modality in by_modality and len(rows):
+                        # At the weight the late fusion will give this expert (its inverse
+                        # temperature): a sharp but overconfident expert is judged as the
+                        # fusion will use it, not by its raw over-confidence.
+                        logp = by_modality[modality][rows]
+                        w = label_errors.fusion_weights({modality: logp}, given[rows],
+                                                        np.ones((len(rows), 1), bool))[modality]
+                        z = w * logp
+                        z = z - z.max(axis=1, keepdims=True)
+                        nll = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(rows)), given[rows]]
+                        loss[modality].setdefault((C, pca), []).append(float(nll.mean()))
+    chosen_C, chosen_pca = {}, {}
+    print(f"\n{'modality':<8} {'C':>7} {'pca':>4} {'out-of-fold log-loss, expert at its fusion weight':>51}")
+    for modality in MODALITIES:
+        best_key = min(loss[modality], key=lambda key: np.mean(loss[modality][key]))
+        chosen_C[modality], chosen_pca[modality] = best_key
+        for key in sorted(loss[modality]):
+            print(f"{modality:<8} {key[0]:>7} {key[1]:>4} {np.mean(loss[modality][key]):>51.4f}"
+                  f"{'  <- chosen' if key == best_key else ''}")
+    C, pca = chosen_C, chosen_pca
+    oof = [label_errors.out_of_fold_proba(X_fit, noisy, LABELS, speakers[fit], seed=seed, C=C, pca_dim=pca)
+           for seed, (noisy, _) in zip(seeds, flips)]
     scores: dict[tuple, list[tuple[float, float, float]]] = {}
-    for (noisy, flipped), proba in zip(flips, oof[best_model]):
+    for (noisy, flipped), proba in zip(flips, oof):
         given = np.array([LABELS.index(v) for v in noisy])
         for method in label_errors.METHODS:
             for cap in (0.05, 0.1, 0.15, 0.2, 0.3, None):

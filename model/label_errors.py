@@ -45,7 +45,7 @@ Two parts:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -56,11 +56,20 @@ METHODS = ("confident_joint", "argmax", "both", "prune_by_noise_rate", "prune_by
 DEFAULT_METHOD = "argmax"
 DEFAULT_MAX_FRACTION = 0.1
 DEFAULT_FOLDS = 5
-DEFAULT_C = 0.001
-DEFAULT_PCA_DIM = 128
+# Per modality, chosen by `bench/label_quality.py --choose`: each modality's expert by its own
+# out-of-fold log-loss on the records carrying it, at the weight the late fusion gives it. Audio
+# (~150 clips from a few actors) wants a far weaker regularisation and fewer components than face
+# and text, as the product's own heads do (model.training). One C for all (0.001, PCA 128) before.
+DEFAULT_C: dict[str, float] = {"image": 0.001, "text": 0.001, "audio": 0.1}
+DEFAULT_PCA_DIM: dict[str, int] = {"image": 256, "text": 256, "audio": 32}
 # Below this many labels of a class the out-of-fold model cannot judge that class: nothing is flagged.
 MIN_LABELS_PER_CLASS = 5
 _EPS = 1e-6
+
+
+def per_modality(value: float | Mapping[str, float], modality: str) -> float:
+    """A setting given once for every modality or per modality (a mapping by modality name)."""
+    return value[modality] if isinstance(value, Mapping) else value
 
 
 class FastModalityModel:
@@ -68,25 +77,27 @@ class FastModalityModel:
 
     Fast enough to be refitted once per fold before every retrain (seconds on a thousand
     records). A record with no modality the model was fitted on gets the uniform distribution.
+    ``C`` and ``pca_dim`` are one value for every modality or a mapping by modality.
     """
 
-    def __init__(self, labels: Sequence[str], C: float = DEFAULT_C, pca_dim: int = DEFAULT_PCA_DIM, seed: int = 13):
+    def __init__(self, labels: Sequence[str], C: float | Mapping[str, float] = DEFAULT_C,
+                 pca_dim: int | Mapping[str, int] = DEFAULT_PCA_DIM, seed: int = 13):
         self.labels = tuple(labels)
         self.C = C
         self.pca_dim = pca_dim
         self.seed = seed
 
-    def _pipeline(self, n_rows: int, n_dims: int):
+    def _pipeline(self, modality: str, n_rows: int, n_dims: int):
         from sklearn.decomposition import PCA
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
         steps = [StandardScaler()]
-        n_components = min(self.pca_dim, n_rows - 1, n_dims)
+        n_components = min(int(per_modality(self.pca_dim, modality)), n_rows - 1, n_dims)
         if n_components < n_dims:
             steps.append(PCA(n_components=n_components, random_state=self.seed))
-        steps.append(LogisticRegression(C=self.C, max_iter=2000, class_weight="balanced"))
+        steps.append(LogisticRegression(C=per_modality(self.C, modality), max_iter=2000, class_weight="balanced"))
         return make_pipeline(*steps)
 
     def fit(self, X: dict[str, np.ndarray], y: Sequence[str]) -> "FastModalityModel":
@@ -99,7 +110,7 @@ class FastModalityModel:
             if rows.sum() < 4 or len(set(y[rows])) < 2:
                 continue
             values = X[FEATURE_INPUTS[modality]][rows]
-            self.models_[modality] = self._pipeline(int(rows.sum()), values.shape[1]).fit(values, y[rows])
+            self.models_[modality] = self._pipeline(modality, int(rows.sum()), values.shape[1]).fit(values, y[rows])
         return self
 
     def predict_log_proba_by_modality(self, X: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -166,18 +177,19 @@ def fusion_weights(log_proba: dict[str, np.ndarray], given: np.ndarray, present:
     return {m: float(w) for m, w in zip(names, best.x)}
 
 
-def out_of_fold_proba(X: dict[str, np.ndarray], y: Sequence[str], labels: Sequence[str],
-                      groups: Sequence[object] | None = None, n_folds: int = DEFAULT_FOLDS, seed: int = 13,
-                      C: float = DEFAULT_C, pca_dim: int = DEFAULT_PCA_DIM) -> np.ndarray:
-    """(N, K) probabilities over ``labels``, each row from a :class:`FastModalityModel` fitted
-    without its record (nor its group, where the record has one), the modalities fused with
-    :func:`fusion_weights`. Uniform rows when there are too few records to fold."""
+def out_of_fold_log_proba_by_modality(X: dict[str, np.ndarray], y: Sequence[str], labels: Sequence[str],
+                                      groups: Sequence[object] | None = None, n_folds: int = DEFAULT_FOLDS,
+                                      seed: int = 13, C: float | Mapping[str, float] = DEFAULT_C,
+                                      pca_dim: int | Mapping[str, int] = DEFAULT_PCA_DIM) -> dict[str, np.ndarray]:
+    """Per modality some fold could fit: (N, K) out-of-fold log-probabilities of its own expert
+    (:class:`FastModalityModel`, fitted without the record nor its group), zeros where the record
+    lacks the modality. Empty when there are too few records to fold."""
     y = np.asarray(y, dtype=object)
     labels = tuple(labels)
     n, K = len(y), len(labels)
     k = fold_count(groups, n_folds)
     if n < 2 * k:
-        return np.full((n, K), 1.0 / K)
+        return {}
     log_proba = {m: np.zeros((n, K)) for m in MODALITIES}
     fitted: set[str] = set()
     all_rows = np.arange(n)
@@ -189,7 +201,22 @@ def out_of_fold_proba(X: dict[str, np.ndarray], y: Sequence[str], labels: Sequen
         for modality, logp in model.predict_log_proba_by_modality(_subset(X, held)).items():
             log_proba[modality][held] = logp
             fitted.add(modality)
-    log_proba = {m: v for m, v in log_proba.items() if m in fitted}
+    return {m: v for m, v in log_proba.items() if m in fitted}
+
+
+def out_of_fold_proba(X: dict[str, np.ndarray], y: Sequence[str], labels: Sequence[str],
+                      groups: Sequence[object] | None = None, n_folds: int = DEFAULT_FOLDS, seed: int = 13,
+                      C: float | Mapping[str, float] = DEFAULT_C,
+                      pca_dim: int | Mapping[str, int] = DEFAULT_PCA_DIM) -> np.ndarray:
+    """(N, K) probabilities over ``labels``, each row from a :class:`FastModalityModel` fitted
+    without its record (nor its group, where the record has one), the modalities fused with
+    :func:`fusion_weights`. Uniform rows when there are too few records to fold."""
+    y = np.asarray(y, dtype=object)
+    labels = tuple(labels)
+    n, K = len(y), len(labels)
+    log_proba = out_of_fold_log_proba_by_modality(X, y, labels, groups, n_folds, seed, C, pca_dim)
+    if not log_proba:
+        return np.full((n, K), 1.0 / K)
     label_index = {c: i for i, c in enumerate(labels)}
     given = np.array([label_index[v] for v in y])
     weights = fusion_weights(log_proba, given, presence(X))

@@ -95,6 +95,23 @@ def test_out_of_fold_folds_keep_each_speaker_out_of_its_own_fit():
     np.testing.assert_allclose(grouped.sum(1), 1.0)
 
 
+def test_fast_model_settings_apply_per_modality():
+    table, y = synthetic_table(n=120, seed=2)
+    X = arrays_from_features(table)
+    one = le.FastModalityModel(LABELS, C=0.01, pca_dim=8).fit(X, y)
+    same = le.FastModalityModel(LABELS, C={"image": 0.01, "text": 0.01, "audio": 0.01},
+                                pca_dim={"image": 8, "text": 8, "audio": 8}).fit(X, y)
+    np.testing.assert_allclose(one.predict_proba(X), same.predict_proba(X))
+    mixed = le.FastModalityModel(LABELS, C={"image": 0.01, "text": 0.01, "audio": 1.0},
+                                 pca_dim={"image": 8, "text": 4, "audio": 8}).fit(X, y)
+    regression = {m: pipe[-1] for m, pipe in mixed.models_.items()}
+    assert regression["audio"].C == 1.0 and regression["image"].C == 0.01
+    assert mixed.models_["text"][1].n_components == 4 and mixed.models_["image"][1].n_components == 8
+    # The per-modality out-of-fold experts are what out_of_fold_proba fuses.
+    by_modality = le.out_of_fold_log_proba_by_modality(X, y, LABELS, n_folds=3, C=0.01, pca_dim=8)
+    assert set(by_modality) == set(one.models_) and all(v.shape == (len(y), len(LABELS)) for v in by_modality.values())
+
+
 def test_fold_count_keeps_few_speakers_apart():
     assert le.fold_count(None, 5) == 5
     assert le.fold_count(["a", "b", "c", None, None], 5) == 3  # three speakers: three folds, not mixed
