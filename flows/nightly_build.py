@@ -77,7 +77,8 @@ def nightly_build(source: str | None = None, data_root: str | None = None, run_d
     with report.stage("review") as stage:
         reviews = review_build(settings, built.records_paths, push_to_label_studio, stage)
     predicted = predicted_label_counts_task(score_parts) if score_parts else {}
-    report.facts["predicted labels"] = ", ".join(f"{k}={v}" for k, v in predicted.items()) or COLD_START_NOTE
+    report.facts["predicted labels"] = (", ".join(f"{k}={v}" for k, v in predicted.items())
+                                        or (COLD_START_NOTE if production is None else "none"))
     report.facts["model"] = ((version or "none (cold start)") if version == production
                              else f"{production} (outdated: cannot read the current features; not used)")
     report.outputs["run folder"] = str(built.run_dir)
