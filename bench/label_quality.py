@@ -27,7 +27,8 @@ size by the out-of-fold log-loss of the given labels under that modality's own e
 weight the late fusion gives it), then the rule and cap by the validation part's macro-F1 of
 the fast model refitted without its flags. The test side and the reported flips never choose
 anything. ``--choose`` printed: C 0.001 / 0.001 / 0.1 and PCA 256 / 256 / 32 (face / text /
-audio), ``argmax``, cap 10 %.
+audio), ``confident_joint``, cap 10 % (with one cross-fit instead of three: ``argmax``, cap
+10 %).
 
 Features: the product's cached realmix features (``bench/realmix.py``'s loader, under bench/out/).
 
