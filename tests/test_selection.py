@@ -545,7 +545,13 @@ def _tiny_feature_model(source, data_root) -> str:
 
 
 @pytest.mark.service
-@pytest.mark.parametrize("strategy", ["diverse_modality_entropy"])
+@pytest.mark.parametrize("strategy", [
+    "diverse_modality_entropy",
+    # Known defect: hybrid blends its two scores by rank, and ranks taken within a partition's
+    # shortlist and then within the union of shortlists are not the ranks over the whole run,
+    # so the nightly picks depend on the partitioning. Strict: the fix must remove this mark.
+    pytest.param("hybrid", marks=pytest.mark.xfail(strict=True, reason="rank blend is not partition-invariant")),
+])
 def test_nightly_build_selects_by_a_modality_strategy_on_a_real_dask_cluster(tmp_path, prefect_api_url, dask_cluster,
                                                                             strategy):
     """A real nightly build (Prefect API, external Dask scheduler + workers) with a modality
